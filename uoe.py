@@ -1,0 +1,576 @@
+"""
+Union-of-Experts (UoE) in one file: a GPT whose feed-forward network is dense, a routed
+top-k MoE, Autonomy-of-Experts (AoE) or Union-of-Experts, selected by `GPTConfig.ffn`.
+
+Read top to bottom: config, attention, the four FFNs (each maps to a section of METHOD.md),
+the shared expert dispatch, the GPT, then accounting (params/FLOPs) and checkpoints.
+Section numbers (§) refer to ../shared/METHOD.md, the project's specification.
+
+Shapes: B batch, T time, C = n_embd (d), N = B*T tokens, E = n_expert (n), K = top_k,
+D = expert_hidden, R = n_routing (N_s in the paper).
+"""
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FFN_VARIANTS = ("dense", "moe", "aoe", "uoe")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 50304       # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False            # biases in Linear/LayerNorm (the FFNs never have biases)
+    ffn: str = "uoe"              # "dense" | "moe" | "aoe" | "uoe"
+    n_expert: int = 8             # n: experts per layer
+    top_k: int = 2                # K: experts chosen per token
+    expert_hidden: int = 256      # D: hidden width of one expert (and of the dense FFN)
+    n_shared: int = 0             # moe: always-on shared experts of width D (§2)
+    d_low: int | None = None      # aoe: rank of the factorised gate; None -> n_embd // 3 (§2)
+    n_routing: int | None = None  # uoe: routing neurons per expert; None -> D // n (§3)
+    uoe_output: str = "once"      # uoe: "once" | "twice" (§3 switches)
+    vse: bool = True              # uoe: add the virtual shared expert (§3)
+    route_score: str = "silu"     # uoe: "silu" | "pre" | "swiglu" (§3 switches)
+    route_norm: int | str = 2     # aoe/uoe: 2 | 1 | "inf"
+    aux_loss_coef: float = 0.01   # load-balancing loss weight, 0 disables (§4)
+    z_loss_coef: float = 0.0      # moe: router z-loss weight, 0 disables
+
+    def __post_init__(self):
+        if self.d_low is None:
+            self.d_low = max(1, self.n_embd // 3)
+        if self.n_routing is None:
+            self.n_routing = max(1, self.expert_hidden // self.n_expert)
+        self.validate()
+
+    def validate(self):
+        def bad(field, allowed):
+            raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+        for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_expert", "expert_hidden"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, "it must be an integer >= 1")
+        if self.ffn not in FFN_VARIANTS:
+            bad("ffn", f"it must be one of {', '.join(FFN_VARIANTS)}")
+        if self.n_embd % self.n_head != 0:
+            bad("n_embd", f"it must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "it must be in [0, 1)")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_expert:
+            bad("top_k", f"it must be an integer in 1..n_expert={self.n_expert}")
+        if not isinstance(self.n_routing, int) or not 1 <= self.n_routing <= self.expert_hidden - 1:
+            bad("n_routing", f"it must be an integer in 1..expert_hidden-1={self.expert_hidden - 1}")
+        if not isinstance(self.d_low, int) or self.d_low < 1:
+            bad("d_low", "it must be an integer >= 1")
+        if not isinstance(self.n_shared, int) or self.n_shared < 0:
+            bad("n_shared", "it must be an integer >= 0")
+        if self.uoe_output not in ("once", "twice"):
+            bad("uoe_output", "it must be 'once' or 'twice'")
+        if self.route_score not in ("silu", "pre", "swiglu"):
+            bad("route_score", "it must be 'silu', 'pre' or 'swiglu'")
+        if self.route_norm not in (1, 2, "inf"):
+            bad("route_norm", "it must be 2, 1 or 'inf'")
+        for f in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, f) < 0:
+                bad(f, "it must be >= 0")
+
+
+# -----------------------------------------------------------------------------
+# Attention and the transformer block: nanoGPT's, with F.scaled_dot_product_attention.
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """FFN(x) = (SiLU(x W_g) * (x W_p)) W_o  (§1)."""
+    return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+# -----------------------------------------------------------------------------
+# The FFNs. Each takes x (B, T, C) and returns y (B, T, C). Routed FFNs also leave
+# `aux_loss` (§4) and `last_routing` (detached tensors for statistics) on themselves.
+
+class DenseFFN(nn.Module):
+    """§2 dense: one SwiGLU FFN of width D."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, D = config.n_embd, config.expert_hidden
+        self.w_gate = nn.Parameter(torch.empty(C, D))
+        self.w_up = nn.Parameter(torch.empty(C, D))
+        self.w_down = nn.Parameter(torch.empty(D, C))
+
+    def forward(self, x):
+        return swiglu(x, self.w_gate, self.w_up, self.w_down)
+
+
+def load_balance_loss(scores, topk_idx):
+    """Switch-style L_aux = n * sum_i f_i P_i (§4); equals 1 at perfect balance.
+    scores: (N, E) router logits or norms; topk_idx: (N, K)."""
+    E = scores.size(-1)
+    f = torch.bincount(topk_idx.flatten(), minlength=E).to(scores.dtype) / topk_idx.numel()  # (E,)
+    P = F.softmax(scores, dim=-1).mean(dim=0)                                               # (E,)
+    return E * (f * P).sum()
+
+
+def route_norm(h, p):
+    """Activation intensity ||h|| over the last dim, p in {2, 1, 'inf'}."""
+    return torch.linalg.vector_norm(h, ord=math.inf if p == "inf" else p, dim=-1)
+
+
+def dispatch(x, topk_idx, gates, expert_fn, extra=None):
+    """Run every token through its K chosen experts: dropless, no capacity, no loop over tokens.
+
+    The (token, expert) assignments are sorted by expert so that each expert sees one contiguous
+    block of its tokens; expert_fn(e, x_e, extra_e) computes expert e on that block; the outputs
+    are scaled by their gates and summed back per token with index_add_ (Mixtral-style, §2).
+    x: (N, C); topk_idx, gates: (N, K); extra: optional (N, E, X) per-(token, expert) inputs that
+    scoring already computed (AoE's C_i, UoE's routing activations): reused, not recomputed.
+    """
+    N, K = topk_idx.shape
+    flat_expert = topk_idx.flatten()                             # (N*K,)
+    order = flat_expert.argsort(stable=True)                     # assignments grouped by expert
+    token = order // K                                           # (N*K,) token of each assignment
+    counts = torch.bincount(flat_expert).tolist()                # tokens per expert (host sync)
+    x_sorted = x[token]                                          # (N*K, C)
+    extra_sorted = None if extra is None else extra[token, flat_expert[order]]  # (N*K, X)
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = slice(start, start + n)
+            outs.append(expert_fn(e, x_sorted[rows], None if extra is None else extra_sorted[rows]))
+            start += n
+    y_sorted = torch.cat(outs) * gates.flatten()[order].unsqueeze(-1)   # (N*K, C)
+    return torch.zeros_like(x).index_add_(0, token, y_sorted)    # (N, C)
+
+
+class MoEFFN(nn.Module):
+    """§2 moe: router W_r, p = softmax(x W_r), top-K, gates p[I] / sum p[I] (Mixtral), plus
+    n_shared always-on shared experts (DeepSeekMoE), stored as one SwiGLU of width n_shared*D."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, E, D, S = config.n_embd, config.n_expert, config.expert_hidden, config.n_shared
+        self.top_k = config.top_k
+        self.router = nn.Parameter(torch.empty(C, E))
+        self.w_gate = nn.Parameter(torch.empty(E, C, D))
+        self.w_up = nn.Parameter(torch.empty(E, C, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, C))
+        if S:
+            self.shared_gate = nn.Parameter(torch.empty(C, S * D))
+            self.shared_up = nn.Parameter(torch.empty(C, S * D))
+            self.shared_down = nn.Parameter(torch.empty(S * D, C))
+
+    def expert(self, e, x_e, _):
+        return swiglu(x_e, self.w_gate[e], self.w_up[e], self.w_down[e])
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(-1, C)                                       # (N, C)
+        logits = (x @ self.router).float()                         # (N, E) router logits
+        top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, K)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
+        y = dispatch(x, topk_idx, gates, self.expert)
+        if hasattr(self, "shared_gate"):
+            y = y + swiglu(x, self.shared_gate, self.shared_up, self.shared_down)
+        self.aux_loss = load_balance_loss(logits, topk_idx)
+        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # keeps router logits small
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": logits.detach()}
+        return y.view(B, T, C)
+
+
+class AoEFFN(nn.Module):
+    """§2 aoe: no router. W_g^i = A_i B_i is factorised (METHOD's W_down^i, W_up^i); one matmul
+    gives C_i = x A_i for all experts, the score is ||C_i||, and the chosen experts reuse C_i."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, E, D, L = config.n_embd, config.n_expert, config.expert_hidden, config.d_low
+        self.top_k, self.p = config.top_k, config.route_norm
+        self.w_gate_a = nn.Parameter(torch.empty(E, C, L))     # A_i: d x d_low
+        self.w_gate_b = nn.Parameter(torch.empty(E, L, D))     # B_i: d_low x D
+        self.w_up = nn.Parameter(torch.empty(E, C, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, C))
+
+    def expert(self, e, x_e, c_e):
+        return (F.silu(c_e @ self.w_gate_b[e]) * (x_e @ self.w_up[e])) @ self.w_down[e]
+
+    def forward(self, x):
+        B, T, C = x.shape
+        E, L = self.w_gate_a.shape[0], self.w_gate_a.shape[2]
+        x = x.reshape(-1, C)                                       # (N, C)
+        c = (x @ self.w_gate_a.transpose(0, 1).reshape(C, E * L)).view(-1, E, L)  # (N, E, L)
+        scores = route_norm(c.float(), self.p)                     # (N, E)
+        top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
+        gates = F.softmax(top_s, dim=-1)
+        y = dispatch(x, topk_idx, gates, self.expert, extra=c)
+        self.aux_loss = load_balance_loss(scores, topk_idx)
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
+        return y.view(B, T, C)
+
+
+class UoEFFN(nn.Module):
+    """§3 Union-of-Experts. Hidden units [0, R) of every expert are its routing neurons:
+    all experts compute them for every token (one dense matmul); their activation intensity
+    ||a_i|| is the routing score; the top-K experts compute their remaining units [R, D).
+    The routing neurons of all experts together form the virtual shared expert (VSE)."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, E, D = config.n_embd, config.n_expert, config.expert_hidden
+        self.top_k, self.R, self.p = config.top_k, config.n_routing, config.route_norm
+        self.vse, self.route_score = config.vse, config.route_score
+        # the chosen experts output g_i (R_i + Q_i) instead of g_i Q_i ("twice", or no VSE)
+        self.routed_includes_R = config.uoe_output == "twice" or not config.vse
+        # the routing neurons' full hidden a_i * x W_p^i is needed for all experts
+        self.hidden_for_all = config.vse or config.route_score == "swiglu"
+        self.w_gate = nn.Parameter(torch.empty(E, C, D))
+        self.w_up = nn.Parameter(torch.empty(E, C, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, C))
+
+    def routing_neurons(self, w):
+        """Stack the routing columns of all experts: (E, C, D) -> (C, E*R), one matmul for all."""
+        E, C, _ = w.shape
+        return w[:, :, :self.R].transpose(0, 1).reshape(C, E * self.R)
+
+    def expert(self, e, x_e, h_e):
+        """Q_i (units R..D-1) of expert e; with routed_includes_R also R_i, from the routing
+        hidden h_e computed during scoring (a_i*xW_p if available, else a_i: finish it here)."""
+        R = self.R
+        h_q = F.silu(x_e @ self.w_gate[e, :, R:]) * (x_e @ self.w_up[e, :, R:])   # (n, D-R)
+        if not self.routed_includes_R:
+            return h_q @ self.w_down[e, R:]
+        h_r = h_e if self.hidden_for_all else h_e * (x_e @ self.w_up[e, :, :R])    # (n, R)
+        return torch.cat([h_r, h_q], dim=-1) @ self.w_down[e]
+
+    def forward(self, x):
+        B, T, C = x.shape
+        E, R = self.w_gate.shape[0], self.R
+        x = x.reshape(-1, C)                                       # (N, C)
+        pre = (x @ self.routing_neurons(self.w_gate)).view(-1, E, R)   # x W_g^i[:, :R], (N, E, R)
+        a = F.silu(pre)                                            # routing activations a_i
+        h = a * (x @ self.routing_neurons(self.w_up)).view(-1, E, R) if self.hidden_for_all else None
+        scores = route_norm({"silu": a, "pre": pre, "swiglu": h}[self.route_score].float(), self.p)
+        top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
+        gates = F.softmax(top_s, dim=-1)
+        extra = (h if self.hidden_for_all else a) if self.routed_includes_R else None
+        routed = dispatch(x, topk_idx, gates, self.expert, extra=extra)   # (N, C)
+        self.aux_loss = load_balance_loss(scores, topk_idx)
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
+        if not self.vse:
+            return routed.view(B, T, C)
+        # VSE(x) = sum_i R_i(x): an ordinary SwiGLU of width E*R made of the routing neurons
+        w_down_r = self.w_down[:, :R, :].reshape(E * R, C)
+        virtual_shared_expert = h.reshape(-1, E * R) @ w_down_r     # (N, C)
+        self.last_routing["vse_norm"] = virtual_shared_expert.detach().norm(dim=-1)
+        self.last_routing["routed_norm"] = routed.detach().norm(dim=-1)
+        return (virtual_shared_expert + routed).view(B, T, C)
+
+
+FFN_CLASSES = {"dense": DenseFFN, "moe": MoEFFN, "aoe": AoEFFN, "uoe": UoEFFN}
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = FFN_CLASSES[config.ffn](config)
+        self.mlp_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp_dropout(self.mlp(self.ln_2(x)))
+
+
+# -----------------------------------------------------------------------------
+# The GPT
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight   # weight tying
+        self.reset_parameters()
+        self.last_ce = self.last_aux = None
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 init: N(0, 0.02) for every matrix (stacked experts included), with the
+        projections that write into the residual stream scaled by 1/sqrt(2 * n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                (torch.nn.init.ones_ if name.endswith("weight") else torch.nn.init.zeros_)(p)
+            elif name.endswith(("c_proj.weight", "w_down", "shared_down")):
+                torch.nn.init.normal_(p, std=residual_std)
+            else:
+                torch.nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))     # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        mlps = [block.mlp for block in self.transformer.h]
+        aux = sum((m.aux_loss for m in mlps if hasattr(m, "aux_loss")), ce.new_zeros(()))
+        z = sum((m.z_loss for m in mlps if hasattr(m, "z_loss")), ce.new_zeros(()))
+        self.last_ce, self.last_aux = ce.detach(), aux.detach()
+        return logits, ce + self.config.aux_loss_coef * aux + self.config.z_loss_coef * z
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens tokens after idx (B, T), feeding predictions back in."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    @torch.no_grad()
+    def routing_summary(self):
+        """Per-layer routing statistics of the last forward (§6); None for dense layers."""
+        return [routing_stats(block.mlp.last_routing) if hasattr(block.mlp, "last_routing") else None
+                for block in self.transformer.h]
+
+
+def entropy(p, dim=-1):
+    return -(p * p.clamp_min(1e-30).log()).sum(dim)
+
+
+def routing_stats(r):
+    """Load per expert (share of the N*K assignments), Ent_load, the confidence entropy of the
+    score softmax (mean over tokens) and, for UoE, the VSE's share of the output norm."""
+    E = r["scores"].size(-1)
+    load = torch.bincount(r["topk_idx"].flatten(), minlength=E).double() / r["topk_idx"].numel()
+    out = {"load": load.tolist(), "ent_load": entropy(load).item(),
+           "max_load": load.max().item(), "min_load": load.min().item(),
+           "conf_entropy": entropy(F.softmax(r["scores"].double(), dim=-1)).mean().item(),
+           "vse_share": None}
+    if "vse_norm" in r:
+        vse, routed = r["vse_norm"].double(), r["routed_norm"].double()
+        out["vse_share"] = (vse / (vse + routed).clamp_min(1e-30)).mean().item()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Accounting (§5): parameters and forward FLOPs per token, from the config alone.
+# FLOPs count matmuls only (2 per multiply-add; elementwise ops, norms and softmax are noise),
+# attention over the full block_size as nanoGPT's estimate does.
+
+def ffn_breakdown(config):
+    """Per layer: total FFN params, and the per-token multiply-adds of the three kinds of
+    FFN work: scoring (router / C / routing neurons), shared (dense FFN, shared experts, VSE)
+    and experts (the chosen experts' own units). Each active weight is one multiply-add per
+    token, except UoE 'twice' with the VSE, whose chosen experts reuse their routing hidden
+    units but project them through W_o again (K*R*C more)."""
+    C, E, K, D = config.n_embd, config.n_expert, config.top_k, config.expert_hidden
+    if config.ffn == "dense":
+        return dict(params=3 * C * D, scoring=0, shared=3 * C * D, experts=0)
+    if config.ffn == "moe":
+        S = config.n_shared
+        return dict(params=C * E + 3 * E * C * D + 3 * S * C * D,
+                    scoring=C * E, shared=3 * S * C * D, experts=3 * K * C * D)
+    if config.ffn == "aoe":
+        L = config.d_low
+        return dict(params=E * C * L + E * L * D + 2 * E * C * D,
+                    scoring=E * C * L, shared=0, experts=K * (L * D + 2 * C * D))
+    R = config.n_routing
+    hidden_for_all = config.vse or config.route_score == "swiglu"
+    routed_includes_R = config.uoe_output == "twice" or not config.vse
+    scoring = E * C * R * (2 if config.route_score == "swiglu" else 1)   # x W_g (and x W_p) of routing neurons
+    shared = E * C * R * (1 if config.vse and config.route_score != "swiglu" else 0) \
+        + (E * R * C if config.vse else 0)                                 # VSE's x W_p and W_o
+    experts = K * 3 * C * (D - R)                                          # Q_i of the chosen
+    if routed_includes_R:
+        experts += K * R * C + (0 if hidden_for_all else K * C * R)        # R_i's W_o (and x W_p)
+    return dict(params=3 * E * C * D, scoring=scoring, shared=shared, experts=experts)
+
+
+def param_counts(config):
+    """(total parameters, active parameters per token). Embeddings included (wte is tied
+    to lm_head, counted once). Active = weights that touch a token in the forward pass."""
+    C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    ln = C * (2 if config.bias else 1)
+    attn = 4 * C * C + (4 * C if config.bias else 0)
+    f = ffn_breakdown(config)
+    active_ffn = f["scoring"] + f["shared"] + f["experts"]
+    if config.ffn == "uoe" and config.vse and config.uoe_output == "twice":
+        active_ffn -= config.top_k * config.n_routing * C   # reused W_o rows, already counted in the VSE
+    base = V * C + config.block_size * C + L * (attn + 2 * ln) + ln
+    return base + L * f["params"], base + L * active_ffn
+
+
+def flops_breakdown(config):
+    """Forward FLOPs per token by part; 'total' is their sum. A training step is ~3x."""
+    C, L = config.n_embd, config.n_layer
+    f = ffn_breakdown(config)
+    out = dict(attention=L * (2 * 4 * C * C + 2 * 2 * config.block_size * C),
+               lm_head=2 * C * config.vocab_size,
+               ffn_scoring=L * 2 * f["scoring"], ffn_shared=L * 2 * f["shared"],
+               ffn_experts=L * 2 * f["experts"])
+    out["total"] = sum(out.values())
+    return out
+
+
+def flops_per_token(config):
+    return flops_breakdown(config)["total"]
+
+
+def match_config(config, target, by="flops"):
+    """config with expert_hidden D chosen so that its active FLOPs per token (by='flops') or its
+    total parameters (by='params') are as close as possible to target's. UoE keeps its fraction
+    of routing neurons n_routing / D."""
+    metric = {"flops": flops_per_token, "params": lambda c: param_counts(c)[0]}[by]
+    goal, frac = metric(target), config.n_routing / config.expert_hidden
+
+    def at(D):
+        return replace(config, expert_hidden=D, n_routing=min(D - 1, max(1, round(D * frac))))
+
+    lo, hi = 2, 2
+    while metric(at(hi)) < goal:          # metric grows with D: bracket, then bisect
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if metric(at(mid)) < goal else (lo, mid)
+    return min((at(lo), at(hi)), key=lambda c: abs(metric(c) - goal))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a plain dict, written atomically, loaded without running any pickled code.
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line that says what to do."""
+
+
+def save_checkpoint(path, ckpt):
+    """Write ckpt to a temporary file in the same folder, fsync, then rename over path: a crash
+    or a full disk at any instant leaves the previous checkpoint intact. Refuses non-finite
+    model weights so that a diverged run never replaces the last good checkpoint."""
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: non-finite weights in {bad[0]}")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)   # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain Python types only, so a file crafted
+    to run code on load fails here and runs nothing."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}; check --out_dir or train one first")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"{path} holds objects other than tensors and plain data (possibly "
+                                  "code); refusing to load it: use only checkpoints you trust") from None
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}); "
+                              "delete it or restore a good copy") from None
+    known = {f.name for f in fields(GPTConfig)}
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict) \
+            or not set(ckpt["config"]) <= known:
+        raise CheckpointError(f"{path} was not written by this version of uoe (unexpected layout); "
+                              "retrain with the current train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild the GPT stored in a checkpoint dict from load_checkpoint."""
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint does not match this version of uoe ({first_line}); "
+                              "retrain with the current train.py") from None
+    return model
+
+
+# -----------------------------------------------------------------------------
+
+def report(configs):
+    """A markdown table of parameters and forward FLOPs per token for named configs."""
+    rows = ["| variant | D | total params | active params | fwd MFLOPs/token | scoring | shared/VSE | experts |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c in configs:
+        total, active = param_counts(c)
+        fl = flops_breakdown(c)
+        rows.append(f"| {name} | {c.expert_hidden} | {total / 1e6:.3f}M | {active / 1e6:.3f}M | "
+                    f"{fl['total'] / 1e6:.2f} | {fl['ffn_scoring'] / 1e6:.2f} | "
+                    f"{fl['ffn_shared'] / 1e6:.2f} | {fl['ffn_experts'] / 1e6:.2f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    defaults = [(f, GPTConfig(ffn=f)) for f in FFN_VARIANTS]
+    uoe_default = defaults[-1][1]
+    print("Default GPTConfig of each variant (FFN columns: forward MFLOPs/token, all layers):\n")
+    print(report(defaults))
+    print("\nD chosen by match_config to match UoE's active FLOPs per token:\n")
+    print(report([(f, match_config(c, uoe_default, "flops")) for f, c in defaults]))
+    print("\nD chosen by match_config to match UoE's total parameters:\n")
+    print(report([(f, match_config(c, uoe_default, "params")) for f, c in defaults]))
