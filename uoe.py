@@ -138,6 +138,11 @@ def load_balance_loss(scores, topk_idx):
     return E * (f * P).sum()
 
 
+def upcast(t):
+    """Routing math in at least float32: under bf16 autocast, near-ties would flip top-k."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def route_norm(h, p):
     """Activation intensity ||h|| over the last dim, p in {2, 1, 'inf'}."""
     return torch.linalg.vector_norm(h, ord=math.inf if p == "inf" else p, dim=-1)
@@ -192,7 +197,7 @@ class MoEFFN(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         x = x.reshape(-1, C)                                       # (N, C)
-        logits = (x @ self.router).float()                         # (N, E) router logits
+        logits = upcast(x @ self.router)                        # (N, E) router logits
         top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, K)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
         y = dispatch(x, topk_idx, gates, self.expert)
@@ -225,7 +230,7 @@ class AoEFFN(nn.Module):
         E, L = self.w_gate_a.shape[0], self.w_gate_a.shape[2]
         x = x.reshape(-1, C)                                       # (N, C)
         c = (x @ self.w_gate_a.transpose(0, 1).reshape(C, E * L)).view(-1, E, L)  # (N, E, L)
-        scores = route_norm(c.float(), self.p)                     # (N, E)
+        scores = route_norm(upcast(c), self.p)                     # (N, E)
         top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
         gates = F.softmax(top_s, dim=-1)
         y = dispatch(x, topk_idx, gates, self.expert, extra=c)
@@ -275,7 +280,8 @@ class UoEFFN(nn.Module):
         pre = (x @ self.routing_neurons(self.w_gate)).view(-1, E, R)   # x W_g^i[:, :R], (N, E, R)
         a = F.silu(pre)                                            # routing activations a_i
         h = a * (x @ self.routing_neurons(self.w_up)).view(-1, E, R) if self.hidden_for_all else None
-        scores = route_norm({"silu": a, "pre": pre, "swiglu": h}[self.route_score].float(), self.p)
+        score_of = {"silu": a, "pre": pre, "swiglu": h}[self.route_score]   # §3 route_score
+        scores = route_norm(upcast(score_of), self.p)              # (N, E) activation intensity
         top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
         gates = F.softmax(top_s, dim=-1)
         extra = (h if self.hidden_for_all else a) if self.routed_includes_R else None
@@ -525,10 +531,10 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "GLOBAL" in str(e):   # the pickle names a function or class: it could run code
             raise CheckpointError(f"{path} holds objects other than tensors and plain data (possibly "
                                   "code); refusing to load it: use only checkpoints you trust") from None
-        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}); "
+        raise CheckpointError(f"{path} is corrupt or truncated, or not a checkpoint ({type(e).__name__}); "
                               "delete it or restore a good copy") from None
     known = {f.name for f in fields(GPTConfig)}
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict) \

@@ -1,0 +1,416 @@
+"""Tests for uoe.py: one test per claim of METHOD.md, named after it."""
+
+import os
+import pickle
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import uoe
+from uoe import GPT, GPTConfig
+
+SMALL = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16,
+             n_expert=4, top_k=2, expert_hidden=12)
+
+# every variant and every UoE switch (and the AoE/MoE options)
+VARIANTS = {
+    "dense": dict(ffn="dense"),
+    "moe": dict(ffn="moe"),
+    "moe_shared": dict(ffn="moe", n_shared=1),
+    "moe_top1": dict(ffn="moe", top_k=1),
+    "aoe": dict(ffn="aoe"),
+    "aoe_l1": dict(ffn="aoe", route_norm=1, d_low=3),
+    "uoe": dict(ffn="uoe"),
+    "uoe_twice": dict(ffn="uoe", uoe_output="twice"),
+    "uoe_no_vse": dict(ffn="uoe", vse=False),
+    "uoe_no_vse_swiglu": dict(ffn="uoe", vse=False, route_score="swiglu"),
+    "uoe_pre": dict(ffn="uoe", route_score="pre"),
+    "uoe_swiglu": dict(ffn="uoe", route_score="swiglu"),
+    "uoe_l1": dict(ffn="uoe", route_norm=1),
+    "uoe_inf": dict(ffn="uoe", route_norm="inf"),
+    "uoe_twice_pre_r5": dict(ffn="uoe", uoe_output="twice", route_score="pre", n_routing=5),
+}
+
+
+def cfg(**kw):
+    return GPTConfig(**{**SMALL, **kw})
+
+
+def ffn_module(**kw):
+    torch.manual_seed(0)
+    model = GPT(cfg(**kw)).double()
+    for p in model.parameters():       # larger weights than GPT-2 init: routing decisions vary more
+        p.data.normal_(0, 0.3)
+    return model.transformer.h[0].mlp
+
+
+# ---- the per-token reference, written from METHOD.md with no batching tricks ----------------
+
+def ref_swiglu(x, wg, wp, wo):
+    return (F.silu(x @ wg) * (x @ wp)) @ wo
+
+
+def norm(v, p):
+    return torch.linalg.vector_norm(v, ord=float("inf") if p == "inf" else p)
+
+
+def reference_token(m, c, x):
+    """§2-§3 for one token x (C,)."""
+    E, K = c.n_expert, c.top_k
+    if c.ffn == "dense":
+        return ref_swiglu(x, m.w_gate, m.w_up, m.w_down)
+    if c.ffn == "moe":
+        p = torch.softmax(x @ m.router, dim=-1)
+        chosen = torch.topk(p, K).indices
+        g = p[chosen] / p[chosen].sum()
+        y = sum(g[j] * ref_swiglu(x, m.w_gate[i], m.w_up[i], m.w_down[i]) for j, i in enumerate(chosen))
+        if c.n_shared:
+            y = y + ref_swiglu(x, m.shared_gate, m.shared_up, m.shared_down)
+        return y
+    if c.ffn == "aoe":
+        Cs = [x @ m.w_gate_a[i] for i in range(E)]
+        s = torch.stack([norm(ci, c.route_norm) for ci in Cs])
+        chosen = torch.topk(s, K).indices
+        g = torch.softmax(s[chosen], dim=0)
+        return sum(g[j] * ((F.silu(Cs[i] @ m.w_gate_b[i]) * (x @ m.w_up[i])) @ m.w_down[i])
+                   for j, i in enumerate(chosen))
+    R = c.n_routing
+    pre = [x @ m.w_gate[i, :, :R] for i in range(E)]
+    a = [F.silu(v) for v in pre]
+    h = [a[i] * (x @ m.w_up[i, :, :R]) for i in range(E)]
+    R_out = [h[i] @ m.w_down[i, :R] for i in range(E)]
+    Q_out = [ref_swiglu(x, m.w_gate[i, :, R:], m.w_up[i, :, R:], m.w_down[i, R:]) for i in range(E)]
+    score_of = {"silu": a, "pre": pre, "swiglu": h}[c.route_score]
+    s = torch.stack([norm(v, c.route_norm) for v in score_of])
+    chosen = torch.topk(s, K).indices
+    g = torch.softmax(s[chosen], dim=0)
+    if c.vse and c.uoe_output == "once":
+        return sum(R_out) + sum(g[j] * Q_out[i] for j, i in enumerate(chosen))
+    routed = sum(g[j] * (R_out[i] + Q_out[i]) for j, i in enumerate(chosen))
+    return sum(R_out) + routed if c.vse else routed
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_batched_ffn_equals_per_token_reference(name):
+    c = cfg(**VARIANTS[name])
+    m = ffn_module(**VARIANTS[name])
+    x = torch.randn(3, 7, c.n_embd, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 7, c.n_embd, dtype=torch.float64)   # a random linear readout for gradients
+
+    y = m(x)
+    grads = torch.autograd.grad((y * w).sum(), [x, *m.parameters()])
+    y_ref = torch.stack([reference_token(m, c, xt) for xt in x.view(-1, c.n_embd)]).view_as(y)
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), [x, *m.parameters()])
+
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
+    if c.ffn != "dense":   # routing actually varies across tokens, so the test means something
+        assert len(torch.unique(m.last_routing["topk_idx"][:, 0])) > 1
+
+
+# ---- model-level properties ---------------------------------------------------------------
+
+@pytest.mark.parametrize("ffn", uoe.FFN_VARIANTS)
+def test_causality(ffn):
+    torch.manual_seed(0)
+    model = GPT(cfg(ffn=ffn)).double().eval()
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    t = 6
+    changed = idx.clone()
+    changed[:, t + 1:] = torch.randint(0, SMALL["vocab_size"], (2, 16 - t - 1))
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ffn", uoe.FFN_VARIANTS)
+def test_batch_independence_in_eval(ffn):
+    torch.manual_seed(0)
+    model = GPT(cfg(ffn=ffn)).double().eval()
+    idx = torch.randint(0, SMALL["vocab_size"], (5, 16))
+    alone, _ = model(idx[:1])
+    batched, _ = model(idx)
+    torch.testing.assert_close(batched[:1], alone, rtol=0, atol=1e-12)
+
+
+def test_forward_loss_is_ce_plus_weighted_aux():
+    torch.manual_seed(0)
+    model = GPT(cfg(ffn="moe", aux_loss_coef=0.5, z_loss_coef=0.1))
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    logits, loss = model(idx, idx)
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), idx.view(-1))
+    mlps = [b.mlp for b in model.transformer.h]
+    aux = sum(m.aux_loss for m in mlps)
+    z = sum(m.z_loss for m in mlps)
+    torch.testing.assert_close(loss, ce + 0.5 * aux + 0.1 * z)
+    torch.testing.assert_close(model.last_ce, ce.detach())
+    torch.testing.assert_close(model.last_aux, aux.detach())
+
+
+# ---- UoE: the virtual shared expert (§3) -----------------------------------------------------
+
+def test_vse_equals_dense_swiglu_of_stacked_routing_neurons():
+    c = cfg(ffn="uoe")
+    m = ffn_module(ffn="uoe")
+    R, E = c.n_routing, c.n_expert
+    with torch.no_grad():
+        m.w_down[:, R:, :] = 0.0       # silence every Q_i: the output is then the VSE alone
+    wg = torch.cat([m.w_gate[i, :, :R] for i in range(E)], dim=1)   # (C, E*R)
+    wp = torch.cat([m.w_up[i, :, :R] for i in range(E)], dim=1)
+    wo = torch.cat([m.w_down[i, :R, :] for i in range(E)], dim=0)   # (E*R, C)
+    x = torch.randn(2, 5, c.n_embd, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref_swiglu(x, wg, wp, wo), rtol=0, atol=1e-12)
+
+
+def routing_grads(vse, aux_loss_coef):
+    """Expert 0 gets weak routing neurons so that no token selects it (top-1); returns the
+    gradients of expert 0's routing and non-routing neurons after one backward."""
+    torch.manual_seed(0)
+    model = GPT(cfg(ffn="uoe", vse=vse, top_k=1, aux_loss_coef=aux_loss_coef)).double()
+    R = model.config.n_routing
+    for block in model.transformer.h:
+        with torch.no_grad():
+            block.mlp.w_gate[0, :, :R] *= 0.01
+            block.mlp.w_gate[1:, :, :R] *= 10.0
+    idx = torch.randint(0, SMALL["vocab_size"], (4, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    m = model.transformer.h[0].mlp
+    assert not (m.last_routing["topk_idx"] == 0).any(), "expert 0 was selected; the test setup is off"
+    routing = [m.w_gate.grad[0, :, :R], m.w_up.grad[0, :, :R], m.w_down.grad[0, :R]]
+    rest = [m.w_gate.grad[0, :, R:], m.w_up.grad[0, :, R:], m.w_down.grad[0, R:]]
+    return routing, rest
+
+
+def test_vse_gives_gradient_to_routing_neurons_of_unselected_experts():
+    routing, rest = routing_grads(vse=True, aux_loss_coef=0.0)
+    assert all(g.abs().sum() > 0 for g in routing)
+    assert all(g.abs().sum() == 0 for g in rest)
+
+
+def test_without_vse_routing_neurons_learn_only_through_the_gates():
+    routing, rest = routing_grads(vse=False, aux_loss_coef=0.0)
+    assert all(g.abs().sum() == 0 for g in routing + rest)   # unselected: no gate, no gradient
+    # the load-balancing loss scores every expert, so it alone reaches the routing gate weights
+    routing, rest = routing_grads(vse=False, aux_loss_coef=0.01)
+    assert routing[0].abs().sum() > 0
+    assert all(g.abs().sum() == 0 for g in routing[1:] + rest)
+
+
+# ---- MoE and the load-balancing loss (§2, §4) -------------------------------------------------
+
+def test_moe_with_all_experts_is_gate_weighted_sum():
+    c = cfg(ffn="moe", top_k=4)
+    m = ffn_module(ffn="moe", top_k=4)
+    x = torch.randn(10, c.n_embd, dtype=torch.float64)
+    p = torch.softmax(x @ m.router, dim=-1)                      # (N, E)
+    expected = sum(p[:, i:i + 1] * ref_swiglu(x, m.w_gate[i], m.w_up[i], m.w_down[i]) for i in range(4))
+    torch.testing.assert_close(m(x.view(1, 10, -1)).view(10, -1), expected, rtol=0, atol=1e-12)
+
+
+def test_aux_loss_is_one_for_perfectly_uniform_routing():
+    E, K = 4, 2
+    topk_idx = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]])   # every expert chosen twice
+    scores = torch.zeros(4, E)                                   # uniform softmax
+    assert uoe.load_balance_loss(scores, topk_idx).item() == pytest.approx(1.0)
+    # collapsed routing is penalised: all tokens to experts 0, 1 with confident scores
+    scores = torch.tensor([[9.0, 9.0, 0.0, 0.0]]).expand(4, E)
+    collapsed = torch.tensor([[0, 1]] * 4)
+    assert uoe.load_balance_loss(scores, collapsed).item() > 1.9
+
+
+def test_routing_summary_reports_load_and_vse_share():
+    torch.manual_seed(0)
+    model = GPT(cfg(ffn="uoe"))
+    model(torch.randint(0, SMALL["vocab_size"], (2, 16)))
+    s = model.routing_summary()[0]
+    assert sum(s["load"]) == pytest.approx(1.0)
+    assert 0 < s["ent_load"] <= torch.log(torch.tensor(4.0)).item() + 1e-9
+    assert 0 < s["vse_share"] < 1
+    model = GPT(cfg(ffn="dense"))
+    model(torch.randint(0, SMALL["vocab_size"], (2, 16)))
+    assert model.routing_summary() == [None, None]
+
+
+# ---- accounting (§5) --------------------------------------------------------------------------
+
+ACCOUNTING = [dict(VARIANTS[k]) for k in VARIANTS] + [dict(ffn="uoe", bias=True), dict(ffn="moe", n_shared=2)]
+
+
+@pytest.mark.parametrize("kw", ACCOUNTING, ids=str)
+def test_total_params_equal_model_numel(kw):
+    c = cfg(**kw)
+    assert uoe.param_counts(c)[0] == sum(p.numel() for p in GPT(c).parameters())
+
+
+@pytest.mark.parametrize("kw", ACCOUNTING, ids=str)
+def test_ffn_flops_equal_measured_matmul_flops(kw):
+    """The analytic FFN FLOPs per token equal what torch's FLOP counter sees in a forward."""
+    c = cfg(**kw)
+    m = GPT(c).transformer.h[0].mlp
+    x = torch.randn(4, 8, c.n_embd)
+    with FlopCounterMode(display=False) as counter:
+        m(x)
+    f = uoe.flops_breakdown(c)
+    analytic = (f["ffn_scoring"] + f["ffn_shared"] + f["ffn_experts"]) / c.n_layer
+    assert counter.get_total_flops() / (4 * 8) == analytic
+
+
+def test_active_params_and_flops_formulas():
+    c = GPTConfig()   # defaults: C=128, E=8, K=2, D=256, R=32, 4 layers, vocab 50304, block 256
+    C, E, K, D, R, V, L, T = 128, 8, 2, 256, 32, 50304, 4, 256
+    base = V * C + T * C + L * (4 * C * C + 2 * C) + C
+    assert uoe.param_counts(c) == (base + L * 3 * E * C * D, base + L * (3 * E * C * R + K * 3 * C * (D - R)))
+    assert uoe.flops_per_token(c) == (L * (8 * C * C + 4 * T * C) + 2 * C * V
+                                      + L * 2 * (3 * E * C * R + K * 3 * C * (D - R)))
+    moe = GPTConfig(ffn="moe")
+    assert uoe.param_counts(moe)[1] == base + L * (C * E + K * 3 * C * D)
+    aoe = GPTConfig(ffn="aoe")
+    Lo = C // 3
+    assert uoe.param_counts(aoe)[1] == base + L * (E * C * Lo + K * (Lo * D + 2 * C * D))
+    dense = GPTConfig(ffn="dense")
+    assert uoe.param_counts(dense) == (base + L * 3 * C * D,) * 2
+
+
+@pytest.mark.parametrize("by", ["flops", "params"])
+@pytest.mark.parametrize("ffn", uoe.FFN_VARIANTS)
+def test_match_config_within_one_hidden_unit(ffn, by):
+    metric = uoe.flops_per_token if by == "flops" else (lambda c: uoe.param_counts(c)[0])
+    target = GPTConfig(ffn="uoe")
+    got = uoe.match_config(GPTConfig(ffn=ffn), target, by)
+    one_unit = max(abs(metric(replace(got, expert_hidden=got.expert_hidden + d)) - metric(got)) for d in (-1, 1))
+    assert abs(metric(got) - metric(target)) <= one_unit
+    assert got.ffn == ffn
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ffn", ["moe", "uoe"])
+def test_compile_matches_eager(ffn):
+    torch.manual_seed(0)
+    model = GPT(cfg(ffn=ffn, n_layer=1))
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    _, eager = model(idx, idx)
+    _, compiled = torch.compile(model)(idx, idx)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(ffn="switch"), "ffn"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=5), "top_k"),
+    (dict(n_routing=0), "n_routing"),
+    (dict(n_routing=12), "n_routing"),
+    (dict(n_embd=15), "n_embd"),
+    (dict(d_low=0), "d_low"),
+    (dict(uoe_output="thrice"), "uoe_output"),
+    (dict(route_score="relu"), "route_score"),
+    (dict(route_norm=3), "route_norm"),
+    (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
+])
+def test_invalid_config_raises_value_error_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        cfg(**kw)
+
+
+def test_defaults_follow_method():
+    c = GPTConfig()
+    assert c.n_routing == c.expert_hidden // c.n_expert    # §3: the VSE is one expert wide
+    assert c.d_low == c.n_embd // 3                         # §2: d_low ~ d/3
+    assert (c.uoe_output, c.vse, c.route_score, c.route_norm, c.aux_loss_coef) == ("once", True, "silu", 2, 0.01)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def small_checkpoint():
+    model = GPT(cfg())
+    return {"model": model.state_dict(), "config": asdict(model.config), "step": 3}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    ckpt = small_checkpoint()
+    uoe.save_checkpoint(path, ckpt)
+    model = uoe.model_from_checkpoint(uoe.load_checkpoint(path))
+    for k, v in ckpt["model"].items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]   # no temporary files left
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['UOE_TEST_MARKER']}",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("UOE_TEST_MARKER", str(marker))
+    path = tmp_path / "evil.pt"
+    ckpt = small_checkpoint()
+    ckpt["payload"] = RunsCode()
+    torch.save(ckpt, path)
+    with pytest.raises(uoe.CheckpointError, match="refusing"):
+        uoe.load_checkpoint(path)
+    assert not marker.exists()
+    with open(path, "wb") as f:      # a bare pickle, not even a torch zip file
+        pickle.dump(RunsCode(), f)
+    with pytest.raises(uoe.CheckpointError):
+        uoe.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_corrupt_and_truncated_checkpoints_give_checkpoint_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    uoe.save_checkpoint(path, small_checkpoint())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(uoe.CheckpointError, match="corrupt or truncated"):
+        uoe.load_checkpoint(path)
+    path.write_bytes(os.urandom(1000))
+    with pytest.raises(uoe.CheckpointError, match="corrupt or truncated"):
+        uoe.load_checkpoint(path)
+    with pytest.raises(uoe.CheckpointError, match="no checkpoint"):
+        uoe.load_checkpoint(tmp_path / "missing.pt")
+    ckpt = small_checkpoint()
+    ckpt["config"]["n_experts_typo"] = 3
+    torch.save(ckpt, path)
+    with pytest.raises(uoe.CheckpointError, match="version"):
+        uoe.load_checkpoint(path)
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    uoe.save_checkpoint(path, small_checkpoint())
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        uoe.save_checkpoint(path, small_checkpoint())
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    ckpt = small_checkpoint()
+    ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
+    with pytest.raises(uoe.CheckpointError, match="non-finite"):
+        uoe.save_checkpoint(path, ckpt)
+    assert not path.exists()
+
+
+def test_generate_extends_the_sequence():
+    torch.manual_seed(0)
+    model = GPT(cfg()).eval()
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 20, temperature=0.8, top_k=5)
+    assert out.shape == (2, 23)
