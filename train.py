@@ -1,0 +1,642 @@
+"""
+Train a GPT whose feed-forward layers are dense, MoE, AoE or UoE (see uoe.py and METHOD.md).
+
+    python train.py                                # ~5 min on 2 CPU cores: UoE on shakespeare_char
+    python train.py --ffn=moe --max_iters=500      # any option as --key=value (python literals)
+    python train.py config/my_run.py --seed=2      # a file of python assignments, then overrides
+    python train.py --init_from=resume             # continue out_dir/ckpt.pt exactly where it stopped
+    torchrun --standalone --nproc_per_node=2 train.py   # DDP: nccl on CUDA, gloo on CPU
+
+out_dir gets run.json (all settings), metrics.jsonl (one JSON record per log and eval step) and
+ckpt.pt, written atomically every ckpt_interval steps, at the end and on SIGINT/SIGTERM. A fresh
+run refuses to replace an existing ckpt.pt unless --overwrite=True. On resume the checkpoint's
+model and training settings apply; options given on the command line override training settings,
+and a model option that differs from the checkpoint's is an error.
+Exit codes: 0 finished; 2 bad input or a non-finite loss (one `error: ...` line, no checkpoint
+written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + signal number).
+"""
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from uoe import GPT, CheckpointError, GPTConfig, flops_per_token, load_checkpoint, param_counts, save_checkpoint
+
+PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100/H200 SXM GPU, for MFU on CUDA only
+EVAL_SEED = 0        # the fixed eval batches depend on this, not on --seed: every run sees the same ones
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    dataset: str = "shakespeare_char"   # data_dir/<dataset>/{train,val}.bin + meta.json; known names are prepared if missing
+    data_dir: str = "data"              # folder holding the datasets (relative to the current directory)
+    out_dir: str = "out"                # where ckpt.pt, metrics.jsonl and run.json go
+    init_from: str = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    overwrite: bool = False             # let a fresh run replace an existing out_dir/ckpt.pt
+    # optimisation
+    max_iters: int = 2000               # optimizer steps
+    batch_size: int = 16                # sequences per micro-step, per process
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, over all processes together
+    learning_rate: float = 2e-3         # peak learning rate
+    min_lr: float = 2e-4                # learning rate at the end of the cosine decay
+    warmup_iters: int = 100             # steps of linear warmup
+    lr_decay_iters: int | None = None   # step where the cosine decay ends; None -> max_iters
+    weight_decay: float = 0.1           # AdamW decay, on matrices (params with dim >= 2) only
+    beta1: float = 0.9                  # AdamW beta1
+    beta2: float = 0.99                 # AdamW beta2 (0.99: small batches of tokens)
+    grad_clip: float = 1.0              # clip the global gradient norm to this; 0 disables
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250            # evaluate every this many steps (and at the end)
+    eval_iters: int = 20                # fixed batches per split at each evaluation
+    log_interval: int = 10              # a train record and a progress line every this many steps
+    ckpt_interval: int | None = None    # save ckpt.pt every this many steps; None -> eval_interval
+    plot: bool = True                   # draw figures into out_dir at the end (plot.py)
+    # system
+    device: str = "auto"                # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    dtype: str = "auto"                 # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16', 'float32'
+    compile: bool | None = None         # torch.compile the model; None -> True on CUDA, False on CPU
+    seed: int = 1337                    # seeds the weights and the training batches
+    # robustness
+    nonfinite: str = "stop"             # on a NaN/inf loss or gradient: 'stop' (exit 2) or 'skip' the update
+    max_skips: int = 10                 # with nonfinite='skip': stop after this many non-finite steps in a row
+    debug_nan_step: int = -1            # testing aid: make the loss NaN at this step (-1: never)
+
+
+# Model defaults live in uoe.GPTConfig (one source of truth); this is the place for the few that
+# the default run deliberately changes.
+MODEL_DEFAULTS = {}
+# --help text for model options that uoe.py leaves without a comment, and train.py's notes on some.
+MODEL_HELP = {"block_size": "context length in tokens", "n_layer": "transformer blocks", "n_head": "attention heads",
+              "n_embd": "d: model width", "dropout": "dropout probability (0 for short runs)",
+              "vocab_size": "train.py takes it from the dataset's meta.json unless set (larger only)"}
+# Options that describe this invocation, not the run: on resume they are not taken from the checkpoint.
+PER_INVOCATION = {"data_dir", "out_dir", "init_from", "overwrite", "plot", "device", "dtype", "compile",
+                  "debug_nan_step"}
+TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one `error: ...` line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# options: defaults <- config file <- --key=value
+
+def field_comments(cls):
+    """The `# comment` after each field of a dataclass's source: the --help text of that option."""
+    try:
+        return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    except (OSError, TypeError):
+        return {}
+
+
+def option_table():
+    """name -> (default, allowed types, help) for every training and model option."""
+    table = {}
+    for cls in (TrainConfig, GPTConfig):
+        comments = field_comments(cls) | (MODEL_HELP if cls is GPTConfig else {})
+        for f in fields(cls):
+            default = MODEL_DEFAULTS.get(f.name, f.default) if cls is GPTConfig else f.default
+            names = re.findall(r"\b(int|float|str|bool|None)\b", str(f.type)) + \
+                (["None"] if "Optional" in str(f.type) else [])
+            types = tuple(dict.fromkeys(TYPES[n] for n in names)) or (type(default),)
+            table[f.name] = (default, types, comments.get(f.name, ""))
+    return table
+
+
+def check_type(name, value, types, text=None):
+    """value as the option's type (an int is accepted for a float); text is the raw command-line text."""
+    if type(value) in types:
+        return value
+    if type(value) is int and float in types:
+        return float(value)
+    if str in types and text is not None:   # --out_dir=2024 means the string '2024'
+        return text
+    allowed = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+    raise UserError(f"--{name} expects {allowed}, got {value!r} ({type(value).__name__}); "
+                    "see python train.py --help")
+
+
+def unknown_option(name, table):
+    near = difflib.get_close_matches(name, table, n=3)
+    hint = f"did you mean {' or '.join('--' + n for n in near)}?" if near else "python train.py --help lists them"
+    return UserError(f"unknown option --{name}; {hint}")
+
+
+def read_config_file(path):
+    """A config file is python assignments (nanoGPT style); each public name it defines is an option."""
+    try:
+        source = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read config file {path} ({e.strerror}); check the path") from None
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:
+        raise UserError(f"config file {path} failed ({type(e).__name__}: {e}); fix the file") from None
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not inspect.ismodule(v) and not callable(v)}
+
+
+def help_text(table):
+    lines = [__doc__.strip(), "", "Options (--name=default  what it does):"]
+    for title, cls in (("training", TrainConfig), ("model (uoe.GPTConfig)", GPTConfig)):
+        lines.append(f"\n{title}:")
+        for f in fields(cls):
+            default, _, help = table[f.name]
+            lines.append(f"  {f'--{f.name}={default!r}':<38} {help}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    """Options from the defaults, then config files (`path` or --config=path), then --key=value.
+    Returns (values, explicit): all option values, and the names the user set."""
+    table = option_table()
+    values = {name: default for name, (default, _, _) in table.items()}
+    explicit = set()
+
+    def assign(name, value, text=None):
+        if name not in table:
+            raise unknown_option(name, table)
+        values[name] = check_type(name, value, table[name][1], text)
+        explicit.add(name)
+
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text(table))
+            sys.exit(0)
+        if not arg.startswith("-") or arg.startswith("--config="):
+            for name, value in read_config_file(arg.removeprefix("--config=")).items():
+                assign(name, value)
+            continue
+        name, eq, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            if arg.startswith("--") and name in table and bool in table[name][1]:
+                assign(name, True)   # a bare --compile means --compile=True
+                continue
+            raise UserError(f"cannot parse {arg!r}; write options as --key=value (python train.py --help)")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text             # --ffn=moe: a bare word is a string
+        assign(name, value, text)
+    return values, explicit
+
+
+def split_options(values):
+    train_names = {f.name for f in fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
+    model = {k: v for k, v in values.items() if k not in train_names}
+    return train, model
+
+
+def check_train_config(train, world):
+    """Reject training settings that cannot work, before any work is done."""
+    rules = [
+        (train.init_from in ("scratch", "resume"), "--init_from must be 'scratch' or 'resume'"),
+        (train.nonfinite in ("stop", "skip"), "--nonfinite must be 'stop' or 'skip'"),
+        (train.dtype in ("auto", "bfloat16", "float32"), "--dtype must be 'auto', 'bfloat16' or 'float32'"),
+        (min(train.max_iters + 1, train.batch_size, train.gradient_accumulation_steps, train.eval_interval,
+             train.eval_iters, train.log_interval, train.ckpt_interval or 1, train.max_skips) >= 1,
+         "max_iters must be >= 0 and batch_size, gradient_accumulation_steps, eval_interval, eval_iters, "
+         "log_interval, ckpt_interval, max_skips >= 1"),
+        (train.gradient_accumulation_steps % world == 0,
+         f"--gradient_accumulation_steps={train.gradient_accumulation_steps} must be divisible by the "
+         f"number of processes ({world})"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(f"{message}; fix the option")
+
+
+def make_model_config(model_values):
+    try:
+        return GPTConfig(**model_values)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"invalid model config: {e}; fix the option") from None
+
+
+# -----------------------------------------------------------------------------
+# setup: device, output folder, checkpoint to resume, data
+
+def resolve_device(name, local_rank):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device={name} but CUDA is not available on this machine; use --device=cpu")
+        device = torch.device("cuda", local_rank if local_rank is not None else torch.device(name).index or 0)
+        torch.cuda.set_device(device)
+        return device
+    if name != "cpu":
+        raise UserError(f"unknown --device={name!r}; use auto, cpu or cuda[:N]")
+    return torch.device("cpu")
+
+
+def check_out_dir(out_dir):
+    """Fail before any work if out_dir cannot be created or written (under a file, read-only, ...)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror or e}); choose a writable --out_dir") from None
+
+
+def read_resume_checkpoint(path):
+    if not path.exists():
+        raise UserError(f"--init_from=resume but there is no checkpoint at {path}; "
+                        "check --out_dir, or start a new run with --init_from=scratch")
+    try:
+        ckpt = load_checkpoint(str(path), map_location="cpu")   # cpu: RNG states must be CPU tensors
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    missing = [k for k in ("optimizer", "step", "train_config", "rng", "data") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a train.py checkpoint (no {missing[0]!r}); resume only from train.py's ckpt.pt")
+    return ckpt
+
+
+def resume_options(ckpt, values, explicit, path):
+    """The checkpoint's model and training settings, overridden by the training options set on this
+    command line. A model option set here must agree with the checkpoint: anything else is another model."""
+    stored = ckpt["config"]
+    asked = make_model_config({**stored, **{k: values[k] for k in explicit if k in stored}})
+    for name, value in asdict(asked).items():
+        if value != stored[name]:
+            raise UserError(f"--{name}={values[name]!r} but {path} holds a model with {name}={stored[name]!r}; "
+                            f"drop --{name} to resume it, or use another --out_dir for a new model")
+    train_names = {f.name for f in fields(TrainConfig)}
+    restored = {k: v for k, v in ckpt["train_config"].items()
+                if k in train_names and k not in explicit and k not in PER_INVOCATION}
+    return {**values, **stored, **restored}
+
+
+def open_dataset(train, master, ddp):
+    """(meta, {"train": tokens, "val": tokens}) of data_dir/dataset, prepared first if it is missing."""
+    folder = Path(train.data_dir) / train.dataset
+    if not (folder / "meta.json").is_file():
+        if master:
+            prepare_dataset(train.dataset, train.data_dir)
+        if ddp:
+            dist.barrier()
+    redo = f"delete {folder} and run again to re-prepare it (or run data/prepare.py)"
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        meta["vocab_size"] + 0
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{folder}/meta.json is unreadable or incomplete ({type(e).__name__}: {e}); {redo}") from None
+    splits = {}
+    for split in ("train", "val"):
+        path = folder / f"{split}.bin"
+        size = path.stat().st_size if path.is_file() else None
+        expected = meta.get(f"{split}_tokens")
+        if not size:
+            raise UserError(f"{path} is {'missing' if size is None else 'empty'}; {redo}")
+        if size % dtype.itemsize or (expected is not None and size // dtype.itemsize != expected):
+            raise UserError(f"{path} is truncated or stale ({size} bytes; meta.json says {expected} tokens "
+                            f"of {dtype.name}); {redo}")
+        splits[split] = np.memmap(path, dtype=dtype, mode="r")
+    return meta, splits
+
+
+def prepare_dataset(name, data_dir):
+    from data.prepare import DataError, ensure_dataset   # only needed when the data is missing
+    print(f"preparing dataset {name!r} in {data_dir} ...", flush=True)
+    try:
+        ensure_dataset(name, data_dir)
+    except DataError as e:
+        raise UserError(str(e)) from None
+
+
+def fit_vocab(cfg, meta, explicit, ckpt):
+    """The model's vocab_size comes from meta.json unless set (larger, e.g. padded to 50304)."""
+    n = meta["vocab_size"]
+    if ckpt is not None:
+        trained_on = ckpt["data"].get("meta_vocab_size", ckpt["config"]["vocab_size"])
+        if n != trained_on:
+            raise UserError(f"meta.json of dataset {ckpt['train_config']['dataset']!r} has vocab_size {n} but the "
+                            f"checkpoint was trained on data with vocab_size {trained_on}; resume on the same data")
+        return cfg
+    if "vocab_size" in explicit:
+        if cfg.vocab_size < n:
+            raise UserError(f"--vocab_size={cfg.vocab_size} is smaller than the dataset's {n} tokens; drop it")
+        return cfg
+    return dataclasses.replace(cfg, vocab_size=n)
+
+
+# -----------------------------------------------------------------------------
+# training pieces
+
+def get_batch(data, starts, block_size, device):
+    """Sequences data[s : s+block_size] for s in starts, and their next-token targets: (len(starts), block_size)."""
+    x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, eval_starts, block_size, device, ctx):
+    """Mean cross-entropy (without the aux loss) of the model on the fixed eval batches of each split."""
+    model.eval()
+    out = {}
+    for split, data in splits.items():
+        losses = []
+        for starts in eval_starts[split]:
+            x, y = get_batch(data, starts, block_size, device)
+            with ctx:
+                logits, _ = model(x)
+            losses.append(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+        out[split] = float(np.mean(losses))
+    model.train()
+    return out
+
+
+def get_lr(step, train):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
+    decay_iters = train.lr_decay_iters or train.max_iters
+    if step < train.warmup_iters:
+        return train.learning_rate * (step + 1) / (train.warmup_iters + 1)
+    if step >= decay_iters:
+        return train.min_lr
+    ratio = (step - train.warmup_iters) / max(1, decay_iters - train.warmup_iters)
+    return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train.learning_rate - train.min_lr)
+
+
+def make_optimizer(model, train, device):
+    """AdamW; weight decay only on matrices (embeddings, linear weights, stacked experts of dim 3)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.beta1, train.beta2),
+                             fused=device.type == "cuda")
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path, step):
+    """On resume, drop what a killed run logged after its checkpoint (and the eval at that step, which
+    is redone), so that metrics.jsonl reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue                 # a last line cut short by a kill
+        if rec["step"] < step or (rec["step"] == step and rec["kind"] == "train"):
+            keep.append(line + "\n")
+    write_atomic(path, "".join(keep))
+
+
+def finite_or_none(x):
+    return x if math.isfinite(x) else None   # strict JSON has no NaN
+
+
+def fmt_time(seconds):
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+STOP = {"signum": None}
+
+
+def request_stop(signum, frame):
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, exit. A second signal exits at once
+    (the checkpoint on disk is always complete: saves are atomic)."""
+    if STOP["signum"] is not None:
+        sys.exit(128 + signum)
+    STOP["signum"] = signum
+    print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+          "(send it again to quit at once)", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    values, explicit = parse_args(argv)
+    ddp = "RANK" in os.environ   # started by torchrun
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, None, 1)
+    master = rank == 0
+    device = resolve_device(values["device"], local_rank)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    out_dir = Path(values["out_dir"])
+    ckpt_path = out_dir / "ckpt.pt"
+    if master:
+        check_out_dir(out_dir)
+    ckpt = None
+    if values["init_from"] == "resume":
+        ckpt = read_resume_checkpoint(ckpt_path)
+        values = resume_options(ckpt, values, explicit, ckpt_path)
+    elif values["init_from"] == "scratch" and ckpt_path.exists() and not values["overwrite"]:
+        raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
+                        "--overwrite=True, or choose another --out_dir")
+    train, model_values = split_options(values)
+    check_train_config(train, world)
+    cfg = make_model_config(model_values)       # validated before the (maybe slow) data preparation
+    meta, splits = open_dataset(train, master, ddp)
+    cfg = fit_vocab(cfg, meta, explicit, ckpt)
+    for split, data in splits.items():
+        if len(data) <= cfg.block_size:
+            raise UserError(f"block_size {cfg.block_size} is longer than the {split} split ({len(data)} tokens); "
+                            f"use --block_size={len(data) - 1} or less, or more data")
+
+    # model, optimizer, precision
+    torch.manual_seed(train.seed + rank)        # + rank: different dropout masks per process
+    raw_model = GPT(cfg).to(device)
+    optimizer = make_optimizer(raw_model, train, device)
+    batch_rng = np.random.default_rng(train.seed)  # the same on every rank: all draw the global batch
+    step, tokens, best_val = 0, 0, math.inf
+    if ckpt is not None:
+        try:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]}); "
+                            "resume with the uoe.py that wrote it, or start a new run") from None
+        step, tokens, best_val = ckpt["step"], ckpt["data"]["tokens"], ckpt["best_val_loss"]
+        batch_rng.bit_generator.state = ckpt["data"]["batch_rng"]
+        if master:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        del ckpt                                # free the memory of a second copy of the weights
+    use_compile = train.compile if train.compile is not None else device.type == "cuda"
+    compiled = torch.compile(raw_model) if use_compile else raw_model
+    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if ddp else compiled
+    use_bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and device.type == "cuda")
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # batches: the training stream from batch_rng, fixed eval batches from EVAL_SEED
+    micro_steps = train.gradient_accumulation_steps // world   # per process
+    tokens_per_step = train.gradient_accumulation_steps * train.batch_size * cfg.block_size
+    eval_rng = np.random.default_rng(EVAL_SEED)
+    eval_starts = {s: eval_rng.integers(0, len(d) - cfg.block_size, size=(train.eval_iters, train.batch_size))
+                   for s, d in splits.items()}
+    flops_token = flops_per_token(cfg)
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if master:
+        write_atomic(out_dir / "run.json", json.dumps({"config": asdict(cfg), "train": asdict(train),
+                                                        "dataset": train.dataset, "meta": meta}, indent=1))
+        if step > 0:
+            truncate_metrics(metrics_path, step)
+        elif metrics_path.exists():
+            metrics_path.unlink()               # a fresh run (with --overwrite) starts a fresh log
+        total, active = param_counts(cfg)
+        print(f"model {cfg.ffn}: {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_expert} experts top-{cfg.top_k}; "
+              f"{total / 1e6:.2f}M params, {active / 1e6:.2f}M active per token; {tokens_per_step} tokens/step; "
+              f"{device} {'bfloat16' if use_bf16 else 'float32'}{' compiled' if use_compile else ''}"
+              f"{f' x {world} processes' if ddp else ''}; {'resuming at step ' + str(step) if step else 'from scratch'}",
+              flush=True)
+    metrics = open(metrics_path, "a") if master else None
+
+    def log(record):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def save(step):
+        save_checkpoint(str(ckpt_path), {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+            "step": step, "train_config": asdict(train), "best_val_loss": best_val, "version": 1,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "data": {"batch_rng": batch_rng.bit_generator.state, "tokens": tokens,
+                     "meta_vocab_size": meta["vocab_size"]}})
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    start_step, last_ckpt_step, skips, last_eval = step, (step if step else None), 0, None
+    t_start = t_last = time.time()
+    while True:
+        done = step >= train.max_iters
+        if master and (step % train.eval_interval == 0 or done):
+            losses = estimate_loss(compiled, splits, eval_starts, cfg.block_size, device, ctx)
+            best_val = min(best_val, losses["val"])
+            last_eval = losses
+            log({"kind": "eval", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens,
+                 "train_loss": losses["train"], "val_loss": losses["val"]})
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+        if master and step > start_step and (step % (train.ckpt_interval or train.eval_interval) == 0 or done):
+            save(step)
+            last_ckpt_step = step
+        if done:
+            break
+
+        # one optimizer step: every rank draws the same global batch and takes its micro-batches,
+        # so N processes compute exactly what one process with the same global batch computes
+        lr = get_lr(step, train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = batch_rng.integers(0, len(splits["train"]) - cfg.block_size,
+                                    size=(train.gradient_accumulation_steps, train.batch_size))
+        stats = torch.zeros(3, device=device)   # loss, ce, aux: means over this rank's micro-steps
+        for i, micro in enumerate(starts[rank * micro_steps:(rank + 1) * micro_steps]):
+            x, y = get_batch(splits["train"], micro, cfg.block_size, device)
+            # DDP all-reduces gradients only on the last micro-step
+            with (model.no_sync() if ddp and i < micro_steps - 1 else nullcontext()), ctx:
+                _, loss = model(x, y)
+                if step + 1 == train.debug_nan_step:
+                    loss = loss * float("nan")
+            (loss / micro_steps).backward()
+            stats += torch.stack([loss.detach(), raw_model.last_ce, raw_model.last_aux]).float() / micro_steps
+        # the total gradient norm (and clipping) tells at once whether any gradient is NaN/inf
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train.grad_clip or math.inf)
+        flags = torch.cat([stats, norm.float().reshape(1), torch.tensor([float(STOP["signum"] is not None)], device=device)])
+        if ddp:   # mean loss over ranks; every rank learns of a signal on any rank, so all stop together
+            dist.all_reduce(flags)
+            flags[:4] /= world
+        loss_v, ce_v, aux_v, norm_v, stop_v = flags.tolist()
+        if math.isfinite(loss_v) and math.isfinite(norm_v):
+            optimizer.step()
+            skips = 0
+        else:
+            where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step})" if last_ckpt_step is not None
+                     else "no checkpoint was written yet")
+            if train.nonfinite == "stop" or skips + 1 >= train.max_skips:
+                raise UserError(f"non-finite loss or gradient at step {step + 1} (loss {loss_v}, grad norm {norm_v}"
+                                f"{f', {skips + 1} in a row' if skips else ''}); no checkpoint written, {where}; "
+                                "resume from it with a lower --learning_rate, or use --nonfinite=skip")
+            skips += 1
+            if master:
+                print(f"step {step + 1}: non-finite loss or gradient, update skipped ({skips} in a row)", flush=True)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+
+        now = time.time()
+        dt, t_last = now - t_last, now
+        if master and step % train.log_interval == 0:
+            tok_per_s = tokens_per_step / dt
+            mfu = 3 * flops_token * tok_per_s / (PEAK_FLOPS * world) if device.type == "cuda" else None
+            log({"kind": "train", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens, "lr": lr,
+                 "loss": finite_or_none(loss_v), "ce": finite_or_none(ce_v), "aux": finite_or_none(aux_v),
+                 "tok_per_s": tok_per_s, "step_ms": 1000 * dt, "mfu": mfu, "routing": raw_model.routing_summary()})
+            eta = (now - t_start) / (step - start_step) * (train.max_iters - step)
+            print(f"step {step}/{train.max_iters} | loss {loss_v:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step | "
+                  f"{tok_per_s / 1e3:.1f}k tok/s{f' | mfu {100 * mfu:.1f}%' if mfu else ''} | ETA {fmt_time(eta)}",
+                  flush=True)
+        if stop_v > 0:
+            signum = STOP["signum"] or signal.SIGTERM
+            if master:
+                save(step)
+                launcher = f"torchrun --standalone --nproc_per_node={world} train.py" if ddp else "python train.py"
+                again = " ".join(f"--{k}={values[k]}" for k in ("data_dir", "out_dir", "device") if k in explicit)
+                print(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {ckpt_path}; "
+                      f"resume with: {launcher} {again + ' ' if again else ''}--init_from=resume", flush=True)
+            return 128 + signum
+
+    if master:
+        metrics.close()
+        # ---- plot hook: figures from out_dir/metrics.jsonl (plot.py, written separately) ----
+        if train.plot and importlib.util.find_spec("plot"):
+            try:
+                import plot
+                plot.plot_run(str(out_dir))
+            except Exception as e:    # a figure must never cost the finished run
+                print(f"warning: plotting failed ({type(e).__name__}: {e})", file=sys.stderr)
+        print(f"done: {step} steps in {fmt_time(time.time() - t_start)}; final train loss {last_eval['train']:.4f}, "
+              f"val loss {last_eval['val']:.4f}; checkpoint {ckpt_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        code = main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:       # Ctrl-C before training started: nothing to save
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        code = 130
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
