@@ -170,8 +170,9 @@ def dispatch(x, topk_idx, gates, expert_fn, extra=None):
             rows = slice(start, start + n)
             outs.append(expert_fn(e, x_sorted[rows], None if extra is None else extra_sorted[rows]))
             start += n
-    y_sorted = torch.cat(outs) * gates.flatten()[order].unsqueeze(-1)   # (N*K, C)
-    return torch.zeros_like(x).index_add_(0, token, y_sorted)    # (N, C)
+    y_sorted = torch.cat(outs)                                   # (N*K, C)
+    y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
+    return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
 
 
 class MoEFFN(nn.Module):
