@@ -1,0 +1,389 @@
+"""
+Turn a text source into data/<name>/{train.bin, val.bin, meta.json} for train.py.
+
+    python data/prepare.py shakespeare_char     # tiny Shakespeare, one token per character
+    python data/prepare.py shakespeare          # tiny Shakespeare, GPT-2 BPE
+    python data/prepare.py --input PATH --name NAME [--tokenizer char|gpt2] [--val_fraction 0.1]
+                           [--out_dir DIR] [--bpe_dir DIR]
+
+PATH is a text file, or a folder searched recursively for text files (*.txt, *.md, *.rst, ...) that
+are read in sorted path order and joined (a newline is added after a file that lacks one).
+The text is streamed in chunks of a few MB, so a large dump needs little memory beyond the output.
+Token ids are stored as uint16 (uint32 when the vocabulary has more than 65536 entries); the last
+val_fraction of the token stream is val.bin, the rest train.bin. meta.json is renamed into place
+last: a folder without meta.json is not a prepared dataset.
+
+GPT-2 BPE comes from local encoder.json + vocab.bpe when a copy is found (--bpe_dir, $UOE_BPE_DIR,
+then ../shared/data/gpt2 beside the repo); it is the same encoding as tiktoken.get_encoding("gpt2"),
+which (it downloads) is used only when no local copy exists.
+tiny Shakespeare comes from --input, $UOE_SHAKESPEARE, ../shared/data/tinyshakespeare.txt or an
+earlier download, else is downloaded; failing that, Python's own pydoc_data text is used instead.
+"""
+import argparse
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path(__file__).resolve().parent             # data/<name>/ lives here
+SHARED = DATA_DIR.parent.parent / "shared" / "data"    # read-only copies beside the repo
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # known names -> tokenizer
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org"}
+CHUNK_CHARS = 4 << 20        # characters per streamed chunk
+PARALLEL_BYTES = 32 << 20    # below this a process pool costs more than it saves
+R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class DataError(Exception):
+    """A problem the user can fix; main() prints it as one `error: ...` line."""
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def find_bpe_dir(bpe_dir=None):
+    """Folder with GPT-2's encoder.json + vocab.bpe, or None when there is no local copy."""
+    for d, explicit in ((bpe_dir, True), (os.environ.get("UOE_BPE_DIR"), True), (SHARED / "gpt2", False)):
+        if not d:
+            continue
+        if (Path(d) / "encoder.json").is_file() and (Path(d) / "vocab.bpe").is_file():
+            return str(Path(d).resolve())
+        if explicit:  # a folder the user named must hold the files
+            raise DataError(f"{d} lacks encoder.json and vocab.bpe; point --bpe_dir or UOE_BPE_DIR at GPT-2's BPE files")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding(bpe_dir):
+    """tiktoken's GPT-2 encoding, built from the files in bpe_dir (offline) or downloaded if None."""
+    import tiktoken
+    if bpe_dir is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline: requests ConnectionError, OSError, ...
+            raise DataError(f"no local GPT-2 BPE files and tiktoken could not download them ({type(e).__name__}); "
+                            "put encoder.json and vocab.bpe in a folder and pass --bpe_dir or set UOE_BPE_DIR") from None
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str as pat  # the exact pattern of this tiktoken version
+    except ImportError:
+        pat = R50K_PAT
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # "" = read the local files directly, copy nothing into a cache
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=os.path.join(bpe_dir, "vocab.bpe"),
+                                                encoder_json_file=os.path.join(bpe_dir, "encoder.json"))
+    finally:
+        if cache is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = cache
+    return tiktoken.Encoding(name="gpt2", pat_str=pat, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
+
+
+def char_encoder(itos):
+    """Vectorised char -> id through a table indexed by code point (at most 1.1M entries)."""
+    codes = np.array([ord(c) for c in itos], dtype=np.int64)
+    table = np.zeros(codes.max() + 1, dtype=np.uint32)
+    table[codes] = np.arange(len(codes))
+    return lambda text: table[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+
+
+def dtype_for(vocab_size):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def read_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}); run python data/prepare.py for this dataset") from None
+
+
+def get_tokenizer(meta, bpe_dir=None):
+    """(encode, decode) for a prepared dataset's meta: encode(str) -> list of ids, decode(ids) -> str."""
+    if meta["tokenizer"] == "char":
+        itos = meta["itos"]
+        stoi = {c: i for i, c in enumerate(itos)}
+
+        def encode(text):
+            missing = sorted(set(text) - stoi.keys())
+            if missing:
+                raise DataError(f"characters {''.join(missing)!r} are not in the dataset's vocabulary; leave them out")
+            return [stoi[c] for c in text]
+        return encode, lambda ids: "".join(itos[int(i)] for i in ids)
+    enc = gpt2_encoding(find_bpe_dir(bpe_dir))
+    return enc.encode_ordinary, lambda ids: enc.decode([int(i) for i in ids])
+
+
+def load_tokenizer(data_dir, bpe_dir=None):
+    return get_tokenizer(read_meta(data_dir), bpe_dir)
+
+
+# -----------------------------------------------------------------------------
+# sources
+
+def text_files(path):
+    """The text files of a file or folder (recursive, sorted, hidden ones skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; give an existing text file or folder")
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                        and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                       key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in {path}; give a folder that has some")
+    if sum(p.stat().st_size for p in files) == 0:
+        raise DataError(f"{path} is empty (no text); give a file or folder with text in it")
+    return files
+
+
+def download(url, dest, timeout=10):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        data = r.read()
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+def shakespeare_files(out_dir):
+    """(files, source label): a local copy, else a download, else Python's pydoc_data text."""
+    if os.environ.get("UOE_SHAKESPEARE"):
+        return text_files(os.environ["UOE_SHAKESPEARE"]), str(Path(os.environ["UOE_SHAKESPEARE"]).resolve())
+    for p in (SHARED / "tinyshakespeare.txt", out_dir / "input.txt"):  # shared copy, earlier download
+        if p.is_file():
+            return [p], str(p.resolve())
+    try:
+        download(SHAKESPEARE_URL, out_dir / "input.txt")
+        return [out_dir / "input.txt"], SHAKESPEARE_URL
+    except Exception:  # offline, timeout, HTTP error: any of them means "no Shakespeare here"
+        pass
+    print("note: tinyshakespeare not found locally and download failed; "
+          "using Python's pydoc_data reference text instead", file=sys.stderr)
+    import pydoc_data.topics
+    path = out_dir / "pydoc_topics.txt"
+    path.write_text("\n\n".join(pydoc_data.topics.topics.values()), encoding="utf-8")
+    return [path], f"pydoc_data.topics (Python {sys.version.split()[0]})"
+
+
+def sha256_of(files):
+    h = hashlib.sha256()
+    for p in files:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def read_pieces(files, chunk_chars):
+    """The joined text of files, chunk_chars characters at a time (never a whole file at once)."""
+    owed = False  # a newline owed after a file that does not end with one, so lines never merge
+    for path in files:
+        last = ""
+        try:
+            with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as it is
+                while piece := f.read(chunk_chars):
+                    if owed:
+                        yield "\n"
+                    owed, last = False, piece
+                    yield piece
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) or remove it") from None
+        owed = owed or (last != "" and not last.endswith("\n"))
+
+
+SAFE_CUT = re.compile(r"\S(?=[ \n])")
+
+
+def safe_chunks(pieces, chunk_chars):
+    """Regroup text into chunks of about chunk_chars, each cut just before a space or newline that
+    follows a non-space character. No GPT-2 pre-token crosses such a point, so encoding chunk by
+    chunk gives exactly the ids of encoding the whole text at once."""
+    buf = ""
+    for piece in pieces:
+        buf += piece
+        if len(buf) < chunk_chars:
+            continue
+        cut = None
+        for start in (max(0, len(buf) - 4096), 0):  # a cut point is nearly always near the end
+            for m in SAFE_CUT.finditer(buf, start):
+                cut = m.end()
+            if cut:
+                break
+        if cut is None and len(buf) < max(4 * chunk_chars, 1 << 20):
+            continue  # no space or newline yet; past 4 chunks (1M chars at least) cut anyway to bound memory
+        cut = cut or len(buf)
+        yield buf[:cut]
+        buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+_pool_encode = None
+
+
+def _pool_init(bpe_dir):
+    global _pool_encode
+    enc = gpt2_encoding(bpe_dir)
+    _pool_encode = enc.encode_ordinary
+
+
+def _pool_call(text):
+    return np.array(_pool_encode(text), dtype=np.uint16)
+
+
+def encode_chunks(chunks, encode, workers, bpe_dir):
+    """encode(chunk) for each chunk in order; with workers > 1 (GPT-2 only) on a process pool.
+    Pool.imap would read the whole input ahead, so only 2 chunks per worker are kept in flight."""
+    if workers <= 1:
+        yield from map(encode, chunks)
+        return
+    import collections
+    import multiprocessing
+    with multiprocessing.Pool(workers, initializer=_pool_init, initargs=(bpe_dir,)) as pool:
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_pool_call, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# -----------------------------------------------------------------------------
+# prepare
+
+def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bpe_dir=None,
+            chunk_chars=CHUNK_CHARS, workers=None):
+    """Write out_dir (default data/<name>)/{train.bin, val.bin, meta.json}; returns out_dir."""
+    t0 = time.time()
+    if input is None and name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; use {' or '.join(DATASETS)}, or give --input PATH --name {name}")
+    if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+        raise DataError(f"dataset name {name!r} is not a plain folder name; use letters, digits, _ . -")
+    tokenizer = tokenizer or DATASETS.get(name, "gpt2")
+    if tokenizer not in ("char", "gpt2"):
+        raise DataError(f"unknown tokenizer {tokenizer!r}; use char or gpt2")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction {val_fraction} is not between 0 and 1; use e.g. 0.1")
+    files = text_files(input) if input else None  # check the input before creating anything
+    out_dir = Path(out_dir) if out_dir else DATA_DIR / name
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"cannot write to {out_dir} ({e.strerror}); choose another --out_dir") from None
+
+    if files is None:
+        files, source = shakespeare_files(out_dir)
+    else:
+        source = str(Path(input).resolve())
+    meta = {"name": name, "tokenizer": tokenizer}
+    if tokenizer == "char":  # the vocabulary needs a first pass over the text
+        chars = set()
+        for piece in read_pieces(files, chunk_chars):
+            chars.update(piece)
+        meta["itos"] = sorted(chars)
+        meta["stoi"] = {c: i for i, c in enumerate(meta["itos"])}
+        vocab_size, encode, bpe_dir = len(chars), char_encoder(meta["itos"]), None
+    else:
+        bpe_dir = find_bpe_dir(bpe_dir)
+        enc = gpt2_encoding(bpe_dir)
+        vocab_size, encode = enc.n_vocab, _pool_call
+        _pool_init(bpe_dir)  # single-process encoding uses the same function as the pool workers
+        meta["bpe"] = bpe_dir or "tiktoken gpt2"
+    if workers is None:  # several processes only pay off for large inputs
+        big = sum(p.stat().st_size for p in files) >= PARALLEL_BYTES
+        workers = min(8, os.cpu_count() or 1) if big else 1
+    if tokenizer == "char":
+        workers = 1  # numpy char encoding is far faster than the text can be shipped to workers
+    dtype = dtype_for(vocab_size)
+
+    tmp = {f: out_dir / f"{f}.{os.getpid()}.tmp" for f in ("train.bin", "val.bin", "meta.json")}
+    try:
+        # all tokens go to the train file first; the last val_fraction then moves to val.bin
+        itemsize = np.dtype(dtype).itemsize
+        with open(tmp["train.bin"], "wb") as f:
+            chunks = safe_chunks(read_pieces(files, chunk_chars), chunk_chars)
+            for i, ids in enumerate(encode_chunks(chunks, encode, workers, bpe_dir), 1):
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                if i % 64 == 0:  # a sign of life on GB-sized inputs
+                    print(f"{name}: {f.tell() // itemsize:,} tokens so far", flush=True)
+        n = tmp["train.bin"].stat().st_size // itemsize
+        n_val = int(n * val_fraction)
+        if n_val < 1:
+            raise DataError(f"{n} tokens leave an empty val split at val_fraction {val_fraction}; "
+                            "give more text or raise --val_fraction")
+        with open(tmp["train.bin"], "r+b") as f, open(tmp["val.bin"], "wb") as g:
+            f.seek((n - n_val) * itemsize)
+            while block := f.read(64 << 20):
+                g.write(block)
+            f.truncate((n - n_val) * itemsize)
+        meta.update(vocab_size=vocab_size, dtype=np.dtype(dtype).name, train_tokens=n - n_val, val_tokens=n_val,
+                    val_fraction=val_fraction, split="val.bin = the last val_fraction of the token stream",
+                    source=source, source_files=len(files), source_sha256=sha256_of(files))
+        tmp["meta.json"].write_text(json.dumps(meta, indent=1))
+        # an old meta.json goes first and the new one comes last, so a crash in between leaves
+        # a folder that reads as "not prepared", never a mix of old and new files
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for f in ("train.bin", "val.bin", "meta.json"):
+            os.replace(tmp[f], out_dir / f)
+    except OSError as e:  # a disk full or an unreadable input file
+        raise DataError(f"{e.strerror}: {e.filename}; check the path, its permissions and free disk space") from None
+    finally:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+    print(f"wrote {out_dir}: {n - n_val:,} train + {n_val:,} val tokens, vocab {vocab_size:,} ({tokenizer}), "
+          f"{meta['dtype']}, from {source} in {time.time() - t0:.1f} s")
+    return out_dir
+
+
+def ensure_dataset(name, data_dir=DATA_DIR):
+    """data_dir/name, prepared first if it has no meta.json yet (known dataset names only)."""
+    out_dir = Path(data_dir) / name
+    if (out_dir / "meta.json").is_file():
+        return out_dir
+    if name not in DATASETS:
+        raise DataError(f"dataset {name!r} is not prepared in {data_dir}; "
+                        f"run python data/prepare.py --input PATH --name {name} --out_dir {out_dir}")
+    return prepare(name, out_dir=out_dir)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare a text dataset: train.bin, val.bin, meta.json.")
+    p.add_argument("dataset", nargs="?", help=f"{' or '.join(DATASETS)} (or use --input and --name)")
+    p.add_argument("--input", help="text file or folder of text files")
+    p.add_argument("--name", help="dataset name (default: the input's file name)")
+    p.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char for shakespeare_char, else gpt2")
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--out_dir", help="default: data/<name>")
+    p.add_argument("--bpe_dir", help="folder with GPT-2's encoder.json and vocab.bpe (or set UOE_BPE_DIR)")
+    args = p.parse_args(argv)
+    name = args.name or args.dataset or (args.input and Path(args.input).stem)
+    try:
+        if not name:
+            raise DataError(f"no dataset given; name one ({', '.join(DATASETS)}) or give --input PATH")
+        prepare(name, input=args.input, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                out_dir=args.out_dir, bpe_dir=args.bpe_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Tests for data/prepare.py: offline, a few seconds in all."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data.prepare as prep  # noqa: E402
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+needs_bpe = pytest.mark.skipif(prep.find_bpe_dir() is None, reason="no local GPT-2 BPE files")
+# whitespace runs, \r\n, contractions, digits, non-ASCII: the cases where a careless chunk cut changes BPE ids
+TRICKY = "a  \n\n\n  b\t\r\nit's 12345 x  \n \u00a0y\u3000z 中文。\n\n  \n'll  done   "
+
+
+def corpus():
+    """First 20 kB of tiny Shakespeare (Python's pydoc text if the shared copy is absent)."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    import pydoc_data.topics
+    return "\n\n".join(pydoc_data.topics.topics.values())[:20_000]
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def load(out_dir):
+    """meta, train ids, val ids of a prepared dataset, checking the files agree with meta."""
+    meta = json.loads((out_dir / "meta.json").read_text())
+    train = np.fromfile(out_dir / "train.bin", dtype=meta["dtype"])
+    val = np.fromfile(out_dir / "val.bin", dtype=meta["dtype"])
+    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
+    assert not list(out_dir.glob("*.tmp"))
+    return meta, train, val
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_char_dataset_round_trips(tmp_path):
+    text = corpus()
+    out = prep.prepare("tiny", input=write(tmp_path / "in.txt", text), tokenizer="char", out_dir=tmp_path / "out")
+    meta, train, val = load(out)
+    assert meta["tokenizer"] == "char" and meta["dtype"] == "uint16"
+    assert meta["itos"] == sorted(set(text)) and meta["vocab_size"] == len(set(text))
+    assert len(train) + len(val) == len(text) and len(val) == int(len(text) * 0.1)
+    encode, decode = prep.load_tokenizer(out)
+    assert decode(np.concatenate([train, val])) == text
+    assert decode(val) == text[-len(val):]  # val is the end of the stream
+    assert encode(text[:100]) == train[:100].tolist()
+    import hashlib
+    assert meta["source_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_char_encode_refuses_unknown_characters(tmp_path):
+    out = prep.prepare("tiny", input=write(tmp_path / "in.txt", "abc\n" * 50), tokenizer="char", out_dir=tmp_path / "o")
+    encode, _ = prep.load_tokenizer(out)
+    with pytest.raises(prep.DataError, match="not in the dataset's vocabulary"):
+        encode("abz")
+
+
+@needs_bpe
+def test_gpt2_from_local_files_offline(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("network blocked in tests")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    prep.gpt2_encoding.cache_clear()
+    enc = prep.gpt2_encoding(prep.find_bpe_dir())
+    assert enc.n_vocab == 50257
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode_ordinary(" the") == [262] and enc.encode_ordinary("\n\n") == [628]
+    assert not list((tmp_path / "cache").iterdir())  # local files are read, not copied to a cache
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(tmp_path / "cache")
+
+    text = corpus()
+    out = prep.prepare("tiny_bpe", input=write(tmp_path / "in.txt", text), tokenizer="gpt2", out_dir=tmp_path / "o")
+    meta, train, val = load(out)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
+    assert np.concatenate([train, val]).tolist() == enc.encode_ordinary(text)
+    encode, decode = prep.load_tokenizer(out)
+    assert encode("Hello world") == [15496, 995] and decode(train) + decode(val) == text
+
+
+def test_gpt2_without_local_files_or_network_is_a_clear_error(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("network blocked in tests")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(prep, "SHARED", tmp_path / "no_shared")
+    monkeypatch.delenv("UOE_BPE_DIR", raising=False)
+    prep.gpt2_encoding.cache_clear()
+    with pytest.raises(prep.DataError, match="could not download"):
+        prep.prepare("x", input=write(tmp_path / "in.txt", corpus()), tokenizer="gpt2", out_dir=tmp_path / "o")
+    with pytest.raises(prep.DataError, match="lacks encoder.json"):
+        prep.find_bpe_dir(tmp_path)
+    prep.gpt2_encoding.cache_clear()
+
+
+def test_folder_input_is_recursive_sorted_and_text_only(tmp_path):
+    src = tmp_path / "corpus"
+    write(src / "b.txt", "bee\n" * 20)
+    write(src / "a" / "d.rst", "dee" * 20)  # no final newline: one is added before the next file
+    write(src / "a" / "c.md", "see\n" * 20)
+    write(src / "a" / "skip.bin", "not text\n")
+    write(src / ".hidden" / "x.txt", "hidden\n")
+    out = prep.prepare("folder", input=src, tokenizer="char", out_dir=tmp_path / "o")
+    meta, train, val = load(out)
+    _, decode = prep.get_tokenizer(meta)
+    assert decode(np.concatenate([train, val])) == "see\n" * 20 + "dee" * 20 + "\n" + "bee\n" * 20
+    assert meta["source_files"] == 3
+
+
+@needs_bpe
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_streaming_in_tiny_chunks_equals_single_shot(tmp_path, tokenizer):
+    text = corpus()[:5000] + TRICKY * 30
+    src = write(tmp_path / "in.txt", text)
+    whole = prep.prepare("a", input=src, tokenizer=tokenizer, out_dir=tmp_path / "whole")
+    tiny = prep.prepare("a", input=src, tokenizer=tokenizer, out_dir=tmp_path / "tiny", chunk_chars=16)
+    for f in ("train.bin", "val.bin"):
+        assert (whole / f).read_bytes() == (tiny / f).read_bytes()
+    if tokenizer == "gpt2":
+        ids = np.concatenate(load(whole)[1:]).tolist()
+        assert ids == prep.gpt2_encoding(prep.find_bpe_dir()).encode_ordinary(text)
+
+
+def test_safe_chunks_keep_the_text_and_cut_before_whitespace():
+    text = TRICKY * 20
+    chunks = list(prep.safe_chunks(iter(text[i:i + 5] for i in range(0, len(text), 5)), 5))
+    assert "".join(chunks) == text and len(chunks) > 20
+    assert all(c[-1] not in " \n" or c is chunks[-1] for c in chunks)
+
+
+@needs_bpe
+def test_multiprocess_output_is_identical_to_single_process(tmp_path):
+    src = write(tmp_path / "in.txt", corpus() * 3 + TRICKY)
+    one = prep.prepare("a", input=src, tokenizer="gpt2", out_dir=tmp_path / "one", chunk_chars=2000, workers=1)
+    two = prep.prepare("a", input=src, tokenizer="gpt2", out_dir=tmp_path / "two", chunk_chars=2000, workers=2)
+    for f in ("train.bin", "val.bin"):
+        assert (one / f).read_bytes() == (two / f).read_bytes()
+
+
+def test_uint32_when_vocab_exceeds_uint16(tmp_path):
+    assert prep.dtype_for(50257) == np.uint16 and prep.dtype_for(65536) == np.uint16
+    assert prep.dtype_for(65537) == np.uint32
+    chars = [chr(c) for c in range(32, 32 + 72_000) if not 0xD800 <= c < 0xE000]  # no surrogates
+    text = "".join(chars) * 2
+    out = prep.prepare("wide", input=write(tmp_path / "in.txt", text), tokenizer="char", out_dir=tmp_path / "o")
+    meta, train, val = load(out)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == len(chars) > 65536
+    assert prep.get_tokenizer(meta)[1](np.concatenate([train, val])) == text
+
+
+def test_shakespeare_falls_back_to_pydoc_text_when_offline(tmp_path, monkeypatch, capsys):
+    def no_network(url, dest, timeout=10):
+        raise OSError("network blocked in tests")
+    monkeypatch.setattr(prep, "SHARED", tmp_path / "no_shared")
+    monkeypatch.setattr(prep, "download", no_network)
+    monkeypatch.delenv("UOE_SHAKESPEARE", raising=False)
+    out = prep.prepare("shakespeare_char", out_dir=tmp_path / "sc")
+    meta, train, val = load(out)
+    assert meta["source"].startswith("pydoc_data.topics")
+    assert capsys.readouterr().err.count("note:") == 1
+    import pydoc_data.topics
+    assert prep.get_tokenizer(meta)[1](np.concatenate([train, val])) == "\n\n".join(pydoc_data.topics.topics.values())
+
+
+def test_shakespeare_is_downloaded_when_no_local_copy(tmp_path, monkeypatch):
+    def fake_download(url, dest, timeout=10):
+        dest.write_text("To be, or not to be\n" * 50)
+    monkeypatch.setattr(prep, "SHARED", tmp_path / "no_shared")
+    monkeypatch.setattr(prep, "download", fake_download)
+    monkeypatch.delenv("UOE_SHAKESPEARE", raising=False)
+    meta, _, _ = load(prep.prepare("shakespeare_char", out_dir=tmp_path / "sc"))
+    assert meta["source"] == prep.SHAKESPEARE_URL and meta["vocab_size"] == len(set("To be, or not to be\n"))
+
+
+def test_ensure_dataset_prepares_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("UOE_SHAKESPEARE", str(write(tmp_path / "s.txt", corpus())))
+    out = prep.ensure_dataset("shakespeare_char", tmp_path / "data")
+    assert out == tmp_path / "data" / "shakespeare_char" and load(out)[0]["tokenizer"] == "char"
+    monkeypatch.setattr(prep, "prepare", lambda *a, **k: pytest.fail("prepared twice"))
+    assert prep.ensure_dataset("shakespeare_char", tmp_path / "data") == out
+    with pytest.raises(prep.DataError, match="not prepared"):
+        prep.ensure_dataset("my_corpus", tmp_path / "data")
+
+
+def test_failed_prepare_leaves_the_old_dataset_and_no_temp_files(tmp_path):
+    out = prep.prepare("a", input=write(tmp_path / "in.txt", corpus()), tokenizer="char", out_dir=tmp_path / "o")
+    before = (out / "meta.json").read_text()
+    write(tmp_path / "src" / "a.txt", corpus())
+    (tmp_path / "src" / "b.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(prep.DataError, match="b.txt is not UTF-8"):
+        prep.prepare("a", input=tmp_path / "src", tokenizer="gpt2", out_dir=out)
+    assert (out / "meta.json").read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_cli_prepares_a_file(tmp_path):
+    r = run_cli("--input", write(tmp_path / "in.txt", corpus()), "--name", "tiny", "--tokenizer", "char",
+                "--val_fraction", "0.2", "--out_dir", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    meta, train, val = load(tmp_path / "o")
+    assert meta["name"] == "tiny" and meta["val_fraction"] == 0.2
+
+
+def _error_cases(tmp):
+    (tmp / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    write(tmp / "empty.txt", "")
+    write(tmp / "nontext" / "a.bin", "x\n")
+    write(tmp / "afile", "x\n")
+    write(tmp / "tiny.txt", "ab\n")
+    small = write(tmp / "small.txt", corpus())
+    return {
+        "missing": (["--input", tmp / "nope.txt", "--name", "x"], "does not exist"),
+        "empty": (["--input", tmp / "empty.txt", "--name", "x"], "is empty"),
+        "not_utf8": (["--input", tmp / "latin1.txt", "--name", "x"], "latin1.txt is not UTF-8"),
+        "no_text_files": (["--input", tmp / "nontext", "--name", "x"], "no text files"),
+        "unwritable_out_dir": (["--input", small, "--name", "x", "--tokenizer", "char", "--out_dir", tmp / "afile" / "o"],
+                               "cannot write"),
+        "empty_val": (["--input", tmp / "tiny.txt", "--name", "x", "--tokenizer", "char"], "empty val split"),
+        "unknown_dataset": (["nosuch"], "unknown dataset 'nosuch'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not_utf8", "no_text_files", "unwritable_out_dir",
+                                  "empty_val", "unknown_dataset"])
+def test_user_errors_exit_2_with_one_line(tmp_path, case):
+    args, message = _error_cases(tmp_path)[case]
+    if case != "unwritable_out_dir" and "--out_dir" not in args:
+        args = args + ["--out_dir", tmp_path / "out"]
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "; " in r.stderr, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "meta.json").exists()
