@@ -4,7 +4,7 @@ top-k MoE, Autonomy-of-Experts (AoE) or Union-of-Experts, selected by `GPTConfig
 
 Read top to bottom: config, attention, the four FFNs (each maps to a section of METHOD.md),
 the shared expert dispatch, the GPT, then accounting (params/FLOPs) and checkpoints.
-Section numbers (§) refer to ../shared/METHOD.md, the project's specification.
+Section numbers (§) refer to METHOD.md, the project's specification.
 
 Shapes: B batch, T time, C = n_embd (d), N = B*T tokens, E = n_expert (n), K = top_k,
 D = expert_hidden, R = n_routing (N_s in the paper).
