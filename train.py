@@ -450,6 +450,8 @@ def main(argv):
     ckpt_path = out_dir / "ckpt.pt"
     if master:
         check_out_dir(out_dir)
+        for stale in out_dir.glob(".*.tmp"):   # left by a save killed mid-write; ckpt.pt itself is intact
+            stale.unlink(missing_ok=True)
     ckpt = None
     if values["init_from"] == "resume":
         ckpt = read_resume_checkpoint(ckpt_path)

@@ -1,0 +1,183 @@
+"""Tests for train.py: it trains, its options, exact resume after SIGKILL, DDP equals one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train
+from data.prepare import prepare
+from uoe import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+# a tiny model: every run below takes a few seconds on 2 CPU cores, most of it importing torch
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--block_size=32", "--batch_size=8",
+        "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # tiny models: one thread is as fast, and runs can overlap
+
+
+def run(*args, check=True, cwd=None):
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], capture_output=True,
+                       text=True, env=ENV, cwd=cwd, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def records(out_dir, kind="train"):
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in records(out_dir)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A 40k-character slice of tiny Shakespeare, prepared char-level and as GPT-2 BPE."""
+    root = tmp_path_factory.mktemp("data")
+    text = root / "text.txt"
+    text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:40_000])
+    prepare("tiny", input=text, tokenizer="char", out_dir=root / "tiny")
+    prepare("tiny_bpe", input=text, tokenizer="gpt2", out_dir=root / "tiny_bpe", bpe_dir=SHARED / "gpt2")
+    return root
+
+
+def test_char_run_lowers_the_loss_and_logs_the_schema(data, tmp_path):
+    out = tmp_path / "out"
+    p = run(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=30",
+            "--eval_interval=15")
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [0, 15, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5      # from ~ln(vocab) down
+    assert f"val loss {evals[-1]['val_loss']:.4f}" in p.stdout.splitlines()[-1]   # the final line says it
+    train_rec = records(out)[-1]
+    assert set(train_rec) == {"kind", "step", "tokens", "flops", "lr", "loss", "ce", "aux", "tok_per_s",
+                              "step_ms", "mfu", "routing"}
+    assert set(evals[-1]) == {"kind", "step", "tokens", "flops", "train_loss", "val_loss"}
+    assert train_rec["tokens"] == 30 * 8 * 32 and train_rec["mfu"] is None
+    assert len(train_rec["routing"]) == 1 and len(train_rec["routing"][0]["load"]) == 8
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["dataset"] == "tiny" and run_json["config"]["n_embd"] == 32
+    assert run_json["config"]["vocab_size"] == run_json["meta"]["vocab_size"]
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 30 and ckpt["train_config"]["max_iters"] == 30
+
+
+def test_gpt2_bpe_run_lowers_the_loss(data, tmp_path):
+    out = tmp_path / "out"
+    run(*TINY, f"--data_dir={data}", "--dataset=tiny_bpe", f"--out_dir={out}", "--max_iters=10",
+        "--eval_interval=10", "--ffn=moe")
+    evals = records(out, "eval")
+    assert evals[0]["val_loss"] > 10 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 1   # ln(50257) = 10.8
+    assert json.loads((out / "run.json").read_text())["config"]["vocab_size"] == 50257
+
+
+def wait_for_step(proc, out_dir, step, timeout=120):
+    """Wait until the run in out_dir has logged `step` (and so has checkpointed before it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+            if any(json.loads(line)["step"] >= step for line in lines[:-1]):   # the last may be half-written
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} in {timeout} s")
+
+
+# lr_decay_iters fixed: the learning rate then does not depend on max_iters, so a run cut short with
+# a large max_iters and resumed with --max_iters=24 computes exactly what a 24-step run computes
+RESUMABLE = TINY + ["--lr_decay_iters=40", "--eval_interval=8", "--ckpt_interval=4", "--ffn=uoe"]
+
+
+def test_sigkill_then_resume_continues_and_reproduces_the_uninterrupted_run(data, tmp_path):
+    common = [*RESUMABLE, f"--data_dir={data}", "--dataset=tiny"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common, f"--out_dir={killed}",
+                             "--max_iters=1000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    reference = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common, f"--out_dir={tmp_path / 'ref'}",
+                                  "--max_iters=24"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    try:
+        wait_for_step(proc, killed, 10)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert reference.wait() == 0, reference.stderr.read()
+    ckpt_step = load_checkpoint(killed / "ckpt.pt")["step"]
+    assert ckpt_step >= 8 and ckpt_step % 4 == 0
+
+    p = run(f"--data_dir={data}", f"--out_dir={killed}", "--init_from=resume", "--max_iters=24")
+    assert f"resuming at step {ckpt_step}" in p.stdout
+    steps = [r["step"] for r in records(killed)]
+    assert steps == list(range(1, 25))                 # continued, and the log reads as one run
+    ref, got = losses(tmp_path / "ref"), losses(killed)
+    assert all(abs(got[s] - ref[s]) <= 1e-5 for s in ref), (ref, got)
+    assert load_checkpoint(killed / "ckpt.pt")["step"] == 24
+
+
+def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(data, tmp_path):
+    common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--max_iters=6", "--eval_interval=6",
+              "--gradient_accumulation_steps=2", "--batch_size=4"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    assert "x 2 processes" in ddp.stdout
+    run(*common, f"--out_dir={tmp_path / 'single'}")
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert sorted(a) == list(range(1, 7))
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    val = [r["val_loss"] for r in records(tmp_path / "ddp", "eval")]
+    assert val == pytest.approx([r["val_loss"] for r in records(tmp_path / "single", "eval")], abs=1e-5)
+
+
+def test_help_lists_every_training_and_model_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name in train.option_table():
+        assert f"--{name}=" in text
+    assert "--ffn='uoe'" in text and "--max_iters=" in text
+
+
+def test_unknown_option_suggests_the_nearest_valid_ones():
+    with pytest.raises(train.UserError, match=r"unknown option --n_embed; did you mean --n_embd"):
+        train.parse_args(["--n_embed=64"])
+
+
+def test_every_model_field_is_an_option_with_its_type_checked():
+    values, explicit = train.parse_args(["--ffn=moe", "--n_shared=1", "--d_low=None", "--route_norm=inf",
+                                         "--route_norm=1", "--aux_loss_coef=0", "--compile"])
+    assert (values["ffn"], values["n_shared"], values["route_norm"], values["compile"]) == ("moe", 1, 1, True)
+    assert values["aux_loss_coef"] == 0.0 and isinstance(values["aux_loss_coef"], float)
+    assert explicit == {"ffn", "n_shared", "d_low", "route_norm", "aux_loss_coef", "compile"}
+    assert values["n_layer"] == train.GPTConfig().n_layer          # model defaults come from uoe.GPTConfig
+    with pytest.raises(train.UserError, match="--vse expects bool"):
+        train.parse_args(["--vse=1"])
+
+
+def test_config_file_then_command_line(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("import math\nffn = 'moe'\nmax_iters = 7\nlearning_rate = 1e-3 * math.sqrt(4)\n")
+    values, explicit = train.parse_args([str(cfg), "--max_iters=9"])
+    assert (values["ffn"], values["max_iters"], values["learning_rate"]) == ("moe", 9, 2e-3)
+    values, _ = train.parse_args([f"--config={cfg}"])
+    assert values["max_iters"] == 7
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    t = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    lrs = [train.get_lr(s, t) for s in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1.0 and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[110] == lrs[119] == 0.1
