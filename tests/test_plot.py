@@ -7,6 +7,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
@@ -54,7 +55,8 @@ def make_run(out_dir, data_folder, meta, ffn, steps=20, batch_size=8, **override
 
     def batch(split):
         ix = torch.randint(len(data[split]) - T - 1, (batch_size,), generator=gen)
-        return (torch.stack([data[split][i:i + T] for i in ix]), torch.stack([data[split][i + 1:i + T + 1] for i in ix]))
+        return (torch.stack([data[split][i:i + T] for i in ix]),
+                torch.stack([data[split][i + 1:i + T + 1] for i in ix]))
 
     train = dict(dataset=data_folder.name, batch_size=batch_size, max_iters=steps, learning_rate=1e-2)
     (out_dir / "run.json").write_text(json.dumps({"config": asdict(config), "train": train,
@@ -265,7 +267,8 @@ def test_cli_compares_several_runs_in_one_folder(runs, tmp_path):
     out = tmp_path / "figures"
     p = subprocess.run([sys.executable, "plot.py", str(runs["uoe"]), str(runs["moe"]), "--out_dir", str(out),
                         "--x", "flops", "--log", "--data_dir", str(runs["data"])],
-                       cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
     names = {f.name for f in out.iterdir()}
     assert {"loss_flops.png", "ent_load.png", "vse_share.png", "load_heatmap_out-uoe.png", "load_heatmap_out-moe.png",

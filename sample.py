@@ -1,0 +1,221 @@
+"""
+Sample from a trained model (nanoGPT's sample.py), optionally showing which expert routed each token.
+
+    python sample.py --out_dir=out-uoe --start="ROMEO:" --num_samples=2 --max_new_tokens=200
+    python sample.py --out_dir=out-uoe --show_routing --routing_layer=0 --routing_html=routing.html
+
+Options are --key=value (Python literals; strings may be bare), a boolean also as a bare --flag.
+--start is the prompt text, or FILE:path to read it from a file. The same --seed gives the same text.
+
+--show_routing marks every token with the expert that has the highest routing score for it in layer
+--routing_layer (default -1: the last), the model's own decision in one forward pass over the sample
+(its last block_size tokens). On a terminal (NO_COLOR unset) the token's background has the expert's
+colour; otherwise each token is written as [e]token, e the expert's index, and tokens before the
+routed window (samples longer than block_size) have no tag. --routing_html=FILE writes the same as
+a self-contained HTML page.
+"""
+import ast
+import html
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import uoe
+
+DEFAULTS = dict(
+    out_dir="out",            # the run folder: ckpt.pt and run.json (whose meta gives the tokenizer)
+    start="\n",               # prompt, or FILE:path
+    num_samples=3,
+    max_new_tokens=200,
+    temperature=0.8,          # < 1 sharper, > 1 more random
+    top_k=200,                # sample among the top_k most likely tokens (None: all)
+    seed=1337,
+    device="cpu",             # cpu, cuda, cuda:1, mps ...
+    show_routing=False,
+    routing_layer=-1,
+    routing_html="",          # write the routed samples to this HTML file
+)
+# light backgrounds with black text, as xterm 256-colour codes; colours repeat after 16 experts
+PALETTE = [217, 151, 117, 229, 183, 159, 216, 250, 210, 120, 111, 222, 177, 123, 180, 188]
+# (background, foreground) pairs for 16-colour terminals
+PALETTE16 = [(101, 30), (102, 30), (104, 30), (103, 30), (105, 30), (106, 30), (47, 30), (41, 97),
+             (42, 30), (44, 97), (43, 30), (45, 97), (46, 30), (100, 97)]
+
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one `error: ...` line."""
+
+
+def parse(argv):
+    opts = dict(DEFAULTS)
+    for arg in argv:
+        key, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--") or key not in opts:
+            raise UserError(f"unknown option {arg.split('=')[0]!r}; options: {' '.join('--' + k for k in opts)}")
+        default = DEFAULTS[key]
+        if not eq and isinstance(default, bool):
+            opts[key] = True
+        elif not eq:
+            raise UserError(f"--{key} needs a value; write --{key}=VALUE")
+        elif isinstance(default, str):
+            opts[key] = value
+        else:
+            try:
+                v = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise UserError(f"--{key}={value} is not a Python literal; e.g. --{key}={default!r}") from None
+            if not (type(v) is type(default) or isinstance(default, float) and type(v) is int
+                    or key == "top_k" and v is None):
+                raise UserError(f"--{key} must be {type(default).__name__}, got {value}")
+            opts[key] = v
+    for key, ok in (("num_samples", opts["num_samples"] >= 1), ("max_new_tokens", opts["max_new_tokens"] >= 0),
+                    ("temperature", opts["temperature"] > 0), ("top_k", opts["top_k"] is None or opts["top_k"] >= 1)):
+        if not ok:
+            raise UserError(f"--{key}={opts[key]} is out of range; see the defaults in sample.py")
+    return opts
+
+
+def tokenizer(out_dir, ckpt):
+    """(encode, decode) of the run's dataset: meta from out_dir/run.json, else data_dir/<dataset>/meta.json."""
+    from data.prepare import DataError, get_tokenizer
+    try:
+        meta = json.loads((Path(out_dir) / "run.json").read_text())["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        tc = ckpt.get("train_config") or {}
+        path = Path(tc.get("data_dir", "data")) / str(tc.get("dataset")) / "meta.json"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"no tokenizer: neither {out_dir}/run.json nor {path} is readable; "
+                            "run from the folder you trained in, or restore run.json") from None
+    try:
+        encode, decode = get_tokenizer(meta)
+    except DataError as e:
+        raise UserError(str(e)) from None
+
+    def checked_encode(text):
+        try:
+            return encode(text)
+        except DataError as e:
+            raise UserError(str(e)) from None
+    return checked_encode, decode
+
+
+@torch.no_grad()
+def route(model, ids, layer):
+    """Expert with the highest score for each of the last block_size tokens of ids, in one forward."""
+    window = ids[-model.config.block_size:]
+    model(torch.tensor([window], device=next(model.parameters()).device))
+    return model.transformer.h[layer].mlp.last_routing["scores"].argmax(-1).tolist()   # (T,)
+
+
+def ansi(text, e, colours256):
+    if colours256:
+        start = f"\x1b[38;5;16;48;5;{PALETTE[e % len(PALETTE)]}m"
+    else:
+        bg, fg = PALETTE16[e % len(PALETTE16)]
+        start = f"\x1b[{fg};{bg}m"
+    return start + text.replace("\n", "↵\x1b[0m\n" + start) + "\x1b[0m"
+
+
+def hex_of(code):
+    """xterm 256-colour code (16..255) -> #rrggbb"""
+    if code >= 232:
+        return "#" + f"{8 + 10 * (code - 232):02x}" * 3
+    levels = [0, 95, 135, 175, 215, 255]
+    code -= 16
+    return "#" + "".join(f"{levels[c]:02x}" for c in (code // 36, code // 6 % 6, code % 6))
+
+
+def render(pieces, experts, mode, colours256=True):
+    """pieces: token texts; experts: expert of each of the last len(experts) tokens."""
+    tagged = [None] * (len(pieces) - len(experts)) + experts
+    out = []
+    for text, e in zip(pieces, tagged):
+        if e is None:
+            out.append(html.escape(text) if mode == "html" else text)
+        elif mode == "html":
+            out.append(f'<span class="e{e % len(PALETTE)}" title="expert {e}">{html.escape(text)}</span>')
+        else:
+            out.append(f"[{e}]{text}" if mode == "plain" else ansi(text, e, colours256))
+    return "".join(out)
+
+
+def main(argv=None):
+    try:
+        sample(parse(sys.argv[1:] if argv is None else argv))
+    except (UserError, uoe.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def sample(o):
+    try:
+        device = torch.device(o["device"])
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"device {o['device']!r} is not usable here ({why}); try --device=cpu") from None
+    ckpt = uoe.load_checkpoint(os.path.join(o["out_dir"], "ckpt.pt"), map_location=device)
+    model = uoe.model_from_checkpoint(ckpt).to(device).eval()
+    encode, decode = tokenizer(o["out_dir"], ckpt)
+    start = o["start"]
+    if start.startswith("FILE:"):
+        try:
+            start = Path(start[5:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the prompt file {start[5:]} ({type(e).__name__}); "
+                            "check --start=FILE:path") from None
+    ids = encode(start)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens; give a non-empty --start")
+    routing = o["show_routing"] or o["routing_html"]
+    n_layer, layer = model.config.n_layer, o["routing_layer"]
+    if routing and model.config.ffn == "dense":
+        raise UserError("this model has no routing (ffn=dense); drop --show_routing/--routing_html")
+    if routing and not -n_layer <= layer < n_layer:
+        raise UserError(f"--routing_layer={layer} is out of range for {n_layer} layers; use 0..{n_layer - 1} or -1")
+    layer %= n_layer
+    mode = "ansi" if sys.stdout.isatty() and "NO_COLOR" not in os.environ else "plain"
+    colours256 = "256" in os.environ.get("TERM", "") or os.environ.get("COLORTERM") in ("truecolor", "24bit")
+    if o["show_routing"]:
+        E = model.config.n_expert
+        legend = " ".join(render([f" {e} "], [e], mode, colours256) for e in range(E)) if mode == "ansi" \
+            else "[e]token = token routed to expert e"
+        print(f"routing: expert with the highest score in layer {layer} of {n_layer} ({model.config.ffn}, "
+              f"{E} experts): {legend}")
+    torch.manual_seed(o["seed"])
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    pages = []
+    for _ in range(o["num_samples"]):
+        y = model.generate(x, o["max_new_tokens"], temperature=o["temperature"], top_k=o["top_k"])[0].tolist()
+        if not routing:
+            print(decode(y))
+        else:
+            pieces, experts = [decode([t]) for t in y], route(model, y, layer)
+            print(render(pieces, experts, mode, colours256) if o["show_routing"] else decode(y))
+            pages.append(render(pieces, experts, "html"))
+        print("---------------")
+    if o["routing_html"]:
+        write_html(o["routing_html"], f"{o['out_dir']}: routing in layer {layer}", pages, model.config.n_expert)
+
+
+def write_html(path, title, pages, n_expert):
+    css = "".join(f".e{i}{{background:{hex_of(c)}}}" for i, c in enumerate(PALETTE))
+    legend = " ".join(f'<span class="e{e % len(PALETTE)}">&nbsp;{e}&nbsp;</span>' for e in range(n_expert))
+    body = "".join(f"<h2>sample {i + 1}</h2><pre>{p}</pre>" for i, p in enumerate(pages))
+    title = html.escape(title)
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>body{{font-family:'
+            f"sans-serif;max-width:60em;margin:2em auto}}pre{{white-space:pre-wrap;line-height:1.5}}{css}</style>"
+            f"</head><body><h1>{title}</h1><p>Each token's background: the expert with the highest routing score "
+            f"for it. Experts: {legend}</p>{body}</body></html>\n")
+    try:
+        Path(path).write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); choose another --routing_html") from None
+
+if __name__ == "__main__":
+    main()

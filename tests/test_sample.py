@@ -1,0 +1,209 @@
+"""Tests for sample.py: deterministic for a seed, routing tags are the model's own decisions,
+and every user error ends in one line with exit code 2."""
+
+import html
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+import uoe
+from uoe import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parent.parent
+ITOS = sorted(set("the quick brown fox jumps over the lazy dog.\nA bad cat sat on a mat;"))   # no '[' or '-'
+META = {"name": "tiny", "tokenizer": "char", "vocab_size": len(ITOS), "dtype": "uint16", "itos": ITOS,
+        "stoi": {c: i for i, c in enumerate(ITOS)}}
+SIZES = dict(vocab_size=len(ITOS), block_size=32, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=2,
+             expert_hidden=32)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+
+
+def write_run(out_dir, ffn="uoe", seed=0, **overrides):
+    """A run folder as train.py leaves it: ckpt.pt (a randomly initialised model) and run.json."""
+    torch.manual_seed(seed)
+    config = GPTConfig(ffn=ffn, **{**SIZES, **overrides})
+    out_dir.mkdir(parents=True)
+    uoe.save_checkpoint(str(out_dir / "ckpt.pt"), {"model": GPT(config).state_dict(), "config": asdict(config),
+                                                   "train_config": {"dataset": "tiny"}, "step": 0, "version": 1})
+    (out_dir / "run.json").write_text(json.dumps({"config": asdict(config), "train": {}, "dataset": "tiny",
+                                                  "meta": META}))
+    return out_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    return {ffn: write_run(root / ffn, ffn) for ffn in ("uoe", "moe", "dense")}
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=ENV)
+
+
+def samples(stdout):
+    """The samples of sample.py's output (the routing legend line dropped)."""
+    if stdout.startswith("routing:"):
+        stdout = stdout.split("\n", 1)[1]
+    return stdout.split("\n---------------\n")[:-1]
+
+
+def parse_tags(text):
+    """[(expert or None, char)] of plain routed output: '[e]c' per tagged token, bare untagged chars."""
+    items, i = [], 0
+    while i < len(text):
+        m = re.compile(r"\[(\d+)\](.)", re.S).match(text, i)
+        items.append((int(m[1]), m[2]) if m else (None, text[i]))
+        i = m.end() if m else i + 1
+    return items
+
+
+@torch.no_grad()
+def own_routing(out_dir, chars, layer):
+    """The model's top-1 expert (topk_idx[:, 0]) for each of the last block_size chars."""
+    model = uoe.model_from_checkpoint(uoe.load_checkpoint(str(out_dir / "ckpt.pt"))).eval()
+    ids = [META["stoi"][c] for c in chars][-model.config.block_size:]
+    model(torch.tensor([ids]))
+    return model.transformer.h[layer].mlp.last_routing["topk_idx"][:, 0].tolist()
+
+
+def check_routing(out_dir, text, layer, prompt):
+    items = parse_tags(text)
+    chars = [c for _, c in items]
+    assert "".join(chars).startswith(prompt)
+    n_untagged = max(0, len(items) - SIZES["block_size"])
+    assert all(e is None for e, _ in items[:n_untagged]) and all(e is not None for e, _ in items[n_untagged:])
+    assert [e for e, _ in items[n_untagged:]] == own_routing(out_dir, chars, layer)
+    return items
+
+
+def test_same_seed_same_text_and_routing_tags_are_the_models_own_decisions(runs, tmp_path):
+    args = ["--out_dir=" + str(runs["uoe"]), "--start=the ", "--num_samples=2", "--max_new_tokens=40",
+            "--seed=7", "--show_routing"]
+    first = run_sample(*args, f"--routing_html={tmp_path / 'r.html'}")
+    second = run_sample(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert first.stdout.startswith("routing: expert with the highest score in layer 1 of 2")
+    texts = samples(first.stdout)
+    assert len(texts) == 2 and texts[0] != texts[1]
+    items = [check_routing(runs["uoe"], t, 1, "the ") for t in texts]   # 44 tokens > block_size: 12 untagged
+    # the HTML page shows the same tokens with the same experts
+    page = (tmp_path / "r.html").read_text()
+    spans = re.findall(r'<span class="e\d+" title="expert (\d+)">(.*?)</span>', page, re.S)
+    assert [(int(e), html.unescape(c)) for e, c in spans] == [x for it in items for x in it if x[0] is not None]
+    assert page.startswith("<!doctype html>") and "<style>" in page
+
+
+def test_routing_layer_option_and_moe_routing(runs):
+    p = run_sample("--out_dir=" + str(runs["moe"]), "--start=a", "--num_samples=1", "--max_new_tokens=20",
+                   "--show_routing", "--routing_layer=0")
+    assert p.returncode == 0, p.stderr
+    (text,) = samples(p.stdout)
+    check_routing(runs["moe"], text, 0, "a")
+
+
+def test_different_seed_different_text_and_plain_output_without_routing(runs, capsys):
+    texts = []
+    for seed in (1, 2):
+        sample.main(["--out_dir=" + str(runs["dense"]), "--num_samples=1", "--max_new_tokens=30", f"--seed={seed}",
+                     "--temperature=1.5", "--top_k=None"])
+        texts.append(samples(capsys.readouterr().out)[0])
+    assert texts[0] != texts[1] and "[" not in texts[0]
+    assert set(texts[0]) <= set(ITOS)
+
+
+def test_start_from_file(runs, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("a bad cat")
+    sample.main(["--out_dir=" + str(runs["uoe"]), f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=5"])
+    assert samples(capsys.readouterr().out)[0].startswith("a bad cat")
+
+
+def test_tokenizer_from_the_dataset_when_run_json_is_missing(runs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = uoe.load_checkpoint(str(runs["uoe"] / "ckpt.pt"))
+    ckpt["train_config"] = {"dataset": "tiny", "data_dir": str(tmp_path / "data")}
+    uoe.save_checkpoint(str(out / "ckpt.pt"), ckpt)
+    (tmp_path / "data" / "tiny").mkdir(parents=True)
+    (tmp_path / "data" / "tiny" / "meta.json").write_text(json.dumps(META))
+    sample.main(["--out_dir=" + str(out), "--start=the", "--num_samples=1", "--max_new_tokens=5"])
+    assert samples(capsys.readouterr().out)[0].startswith("the")
+
+
+def test_ansi_colours_one_per_expert():
+    text = sample.render(["a", "b", "\n"], [0, 1, 1], "ansi", colours256=True)
+    assert text.startswith("\x1b[38;5;16;48;5;%dma\x1b[0m" % sample.PALETTE[0])
+    assert "48;5;%dmb" % sample.PALETTE[1] in text and "↵\x1b[0m\n" in text
+    assert sample.render(["a"], [2], "ansi", colours256=False) == "\x1b[30;104ma\x1b[0m"
+    assert sample.hex_of(217) == "#ffafaf" and sample.hex_of(250) == "#bcbcbc"
+
+
+def corrupt(out_dir):
+    out_dir.mkdir()
+    (out_dir / "ckpt.pt").write_bytes(os.urandom(4096))
+
+
+def incompatible_config(out_dir):
+    write_run(out_dir)
+    ckpt = uoe.load_checkpoint(str(out_dir / "ckpt.pt"))
+    ckpt["config"]["expert_capacity"] = 1.25          # a key this version's GPTConfig does not have
+    uoe.save_checkpoint(str(out_dir / "ckpt.pt"), ckpt)
+
+
+def incompatible_weights(out_dir):
+    write_run(out_dir)
+    ckpt = uoe.load_checkpoint(str(out_dir / "ckpt.pt"))
+    ckpt["model"] = {k.replace("w_gate", "w_g"): v for k, v in ckpt["model"].items()}   # renamed parameters
+    uoe.save_checkpoint(str(out_dir / "ckpt.pt"), ckpt)
+
+
+@pytest.mark.parametrize("make,extra,msg", [
+    (lambda d: None, [], "no checkpoint at"),
+    (corrupt, [], "is corrupt or truncated"),
+    (incompatible_config, [], "not written by this version"),
+    (incompatible_weights, [], "does not match this version"),
+    (write_run, ["--bogus=1"], "unknown option '--bogus'"),
+    (write_run, ["out"], "unknown option 'out'"),
+    (write_run, ["--num_samples=two"], "not a Python literal"),
+    (write_run, ["--num_samples=2.5"], "--num_samples must be int"),
+    (write_run, ["--temperature=0"], "out of range"),
+    (write_run, ["--max_new_tokens"], "needs a value"),
+    (write_run, ["--start=[x]"], "not in the dataset's vocabulary"),
+    (write_run, ["--start=FILE:/nonexistent/p.txt"], "cannot read the prompt file"),
+    (write_run, ["--show_routing", "--routing_layer=5"], "out of range for 2 layers"),
+    (lambda d: write_run(d, "dense"), ["--show_routing"], "no routing (ffn=dense)"),
+])
+def test_user_errors_end_in_one_line_and_exit_2(tmp_path, capsys, make, extra, msg):
+    out = tmp_path / "out"
+    make(out)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out_dir=" + str(out), "--max_new_tokens=2", *extra])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and msg in captured.err, captured.err
+    assert captured.out == ""
+
+
+def test_corrupt_checkpoint_from_the_command_line_no_traceback(tmp_path):
+    corrupt(tmp_path / "out")
+    p = run_sample(f"--out_dir={tmp_path / 'out'}")
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
