@@ -581,12 +581,12 @@ def main(argv):
             optimizer.step()
             skips = 0
         else:
-            where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step})" if last_ckpt_step is not None
-                     else "no checkpoint was written yet")
             if train.nonfinite == "stop" or skips + 1 >= train.max_skips:
+                where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step}): resume from it"
+                         if last_ckpt_step is not None else "no checkpoint yet: rerun")
                 raise UserError(f"non-finite loss or gradient at step {step + 1} (loss {loss_v}, grad norm {norm_v}"
-                                f"{f', {skips + 1} in a row' if skips else ''}); no checkpoint written, {where}; "
-                                "resume from it with a lower --learning_rate, or use --nonfinite=skip")
+                                f"{f', {skips + 1} in a row' if skips else ''}); nothing was saved; {where} "
+                                "with a lower --learning_rate, or use --nonfinite=skip")
             skips += 1
             if master:
                 print(f"step {step + 1}: non-finite loss or gradient, update skipped ({skips} in a row)", flush=True)

@@ -1,0 +1,290 @@
+"""train.py under bad input, signals, kills and NaNs: clear one-line errors, exit codes, no lost checkpoints."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.prepare import prepare
+from uoe import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--block_size=32", "--batch_size=8",
+        "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2",
+        "--lr_decay_iters=40"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def run(*args):
+    proc = start(*args)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def train_steps(out_dir):
+    """{step: loss} of the complete train records in out_dir/metrics.jsonl."""
+    steps = {}
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue                 # the line a kill cut short
+        if rec["kind"] == "train":
+            steps[rec["step"]] = rec["loss"]
+    return steps
+
+
+def wait_for_step(proc, out_dir, step, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if max(train_steps(out_dir), default=0) >= step:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"no step {step} in {timeout} s")
+
+
+def assert_loadable_and_finite(path):
+    ckpt = load_checkpoint(path)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    return ckpt
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).exists() else None
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    text = root / "text.txt"
+    text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:20_000])
+    prepare("tiny", input=text, tokenizer="char", out_dir=root / "tiny")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """out_dir of a finished 2-step run: a real ckpt.pt (n_embd=32) to resume, cut or contradict."""
+    out = tmp_path_factory.mktemp("trained")
+    code, _, err = run(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=2",
+                       "--eval_interval=2")
+    assert code == 0, err
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Bad input: exit code 2, one line `error: ...`, no traceback, no checkpoint changed.
+# A case's setup(ws) prepares its folder ws (ws.out is the out_dir) and returns its extra options.
+
+class Workspace:
+    def __init__(self, root, data, trained):
+        self.root, self.data, self.trained, self.out = root, data, trained, root / "out"
+
+    def data_copy(self, change):
+        """--data_dir of a copy of the prepared dataset with change(dataset_folder) applied."""
+        copy = self.root / "data"
+        shutil.copytree(self.data / "tiny", copy / "tiny")
+        change(copy / "tiny")
+        return [f"--data_dir={copy}"]
+
+    def with_ckpt(self, change=None):
+        """out_dir/ckpt.pt: a copy of the trained run's checkpoint, then change(path) if given."""
+        self.out.mkdir()
+        shutil.copy(self.trained / "ckpt.pt", self.out / "ckpt.pt")
+        if change:
+            change(self.out / "ckpt.pt")
+        return []
+
+    def out_dir_under_a_file(self):
+        (self.root / "file").write_text("x")
+        return [f"--out_dir={self.root / 'file' / 'sub'}"]
+
+
+def cut(path, n_bytes):
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:len(data) - n_bytes])
+
+
+def set_meta(folder, **changes):
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+def code_pickle(path):
+    """Replace path by a 'checkpoint' whose unpickling would run os.mkdir(<case folder>/pwned)."""
+    class Exploit:
+        def __reduce__(self):
+            return os.mkdir, (str(path.parent.parent / "pwned"),)
+    torch.save({"model": {"w": Exploit()}, "config": {}}, path)
+
+
+BAD_INPUTS = [
+    # id, expected in the message, setup(ws) -> extra options
+    ("missing_dataset", "'nope' is not prepared", lambda ws: ["--dataset=nope"]),
+    ("empty_bin", "val.bin is empty", lambda ws: ws.data_copy(lambda d: (d / "val.bin").write_bytes(b""))),
+    ("odd_sized_bin", "train.bin is truncated", lambda ws: ws.data_copy(lambda d: cut(d / "train.bin", 1))),
+    ("bin_shorter_than_meta", "train.bin is truncated", lambda ws: ws.data_copy(lambda d: cut(d / "train.bin", 2))),
+    ("block_size_longer_than_val", "longer than the val split", lambda ws: ["--block_size=5000"]),
+    ("invalid_model_config", "top_k", lambda ws: ["--top_k=99"]),
+    ("unknown_option", "did you mean --n_embd", lambda ws: ["--n_embed=64"]),
+    ("bad_type", "--max_iters expects int", lambda ws: ["--max_iters=1.5"]),
+    ("bad_choice", "--nonfinite must be", lambda ws: ["--nonfinite=ignore"]),
+    ("cuda_without_cuda", "CUDA is not available", lambda ws: ["--device=cuda"]),
+    ("out_dir_under_a_file", "cannot write to out_dir", lambda ws: ws.out_dir_under_a_file()),
+    ("resume_without_checkpoint", "no checkpoint at", lambda ws: ["--init_from=resume"]),
+    ("resume_random_bytes", "corrupt or truncated",
+     lambda ws: ws.with_ckpt(lambda p: p.write_bytes(os.urandom(5000))) + ["--init_from=resume"]),
+    ("resume_truncated", "corrupt or truncated",
+     lambda ws: ws.with_ckpt(lambda p: cut(p, p.stat().st_size // 2)) + ["--init_from=resume"]),
+    ("resume_other_model", "--n_embd=64 but", lambda ws: ws.with_ckpt() + ["--init_from=resume", "--n_embd=64"]),
+    ("resume_other_vocab", "vocab_size",
+     lambda ws: ws.with_ckpt() + ["--init_from=resume", *ws.data_copy(lambda d: set_meta(d, vocab_size=50))]),
+    ("resume_code_pickle", "refusing to load", lambda ws: ws.with_ckpt(code_pickle) + ["--init_from=resume"]),
+    ("fresh_run_over_a_checkpoint", "already exists", lambda ws: ws.with_ckpt()),
+    ("nonfinite_skip_limit", "non-finite loss or gradient at step 2",
+     lambda ws: ["--nonfinite=skip", "--max_skips=1", "--debug_nan_step=2"]),
+]
+
+# Each case runs train.py as __main__ (a fresh module, as `python train.py` would) inside ONE Python
+# process, so torch is imported once rather than once per case (~2 s each on 2 cores).
+DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+repo = sys.argv[1]
+sys.path.insert(0, repo)      # as for `python train.py`: the script's folder comes first
+results = []
+for argv in json.loads(sys.stdin.read()):
+    sys.argv, err = [repo + "/train.py", *argv], io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"code": code, "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(data, trained, tmp_path_factory):
+    """{case id: (exit code, stderr, workspace, ckpt sha before, ckpt sha after)} for every BAD_INPUTS case."""
+    cases, workspaces = [], {}
+    for case_id, _, setup in BAD_INPUTS:
+        ws = Workspace(tmp_path_factory.mktemp(case_id), data, trained)
+        extra = setup(ws)
+        argv = [*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={ws.out}", "--max_iters=3", *extra]
+        workspaces[case_id] = (ws, sha(ws.out / "ckpt.pt"))
+        cases.append(argv)
+    p = subprocess.run([sys.executable, "-c", DRIVER, str(REPO)], input=json.dumps(cases), capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    results = json.loads(p.stdout.splitlines()[-1])
+    return {case_id: (r["code"], r["stderr"], ws, before, sha(ws.out / "ckpt.pt"))
+            for (case_id, _, _), r, (ws, before) in zip(BAD_INPUTS, results, workspaces.values())}
+
+
+@pytest.mark.parametrize("case_id, message", [(c[0], c[1]) for c in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_changes_no_checkpoint(bad_input_results, case_id, message):
+    if case_id == "cuda_without_cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, stderr, ws, before, after = bad_input_results[case_id]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0], stderr
+    assert message in lines[0]
+    assert before == after                      # an existing checkpoint is never overwritten on error
+    assert not (ws.root / "pwned").exists()     # the pickled code never ran
+
+
+# -----------------------------------------------------------------------------
+# Signals and kills
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_save_a_final_checkpoint_and_exit_cleanly(data, tmp_path, sig):
+    out = tmp_path / "out"
+    proc = start(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=1000",
+                 "--eval_interval=1000")        # the signal's checkpoint is the only one
+    wait_for_step(proc, out, 3)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    last = stdout.strip().splitlines()[-1]
+    ckpt = assert_loadable_and_finite(out / "ckpt.pt")
+    assert ckpt["step"] == max(train_steps(out)) >= 3
+    assert last == (f"stopped by {sig.name} at step {ckpt['step']}; checkpoint saved to {out / 'ckpt.pt'}; "
+                    f"resume with: python train.py --data_dir={data} --out_dir={out} --init_from=resume")
+
+
+def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint_and_resume_loses_only_steps_since_it(data, tmp_path):
+    common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--eval_interval=5", "--ckpt_interval=1"]
+    out = tmp_path / "out"
+    reference = start(*common, f"--out_dir={tmp_path / 'ref'}", "--max_iters=20")
+    resume = []
+    for kill_at, delay in ((3, 0.0), (8, 0.013), (13, 0.031)):   # and a little later: any instant, saves too
+        proc = start(*common, f"--out_dir={out}", "--max_iters=1000", *resume)
+        try:
+            wait_for_step(proc, out, kill_at)
+            time.sleep(delay)
+        finally:
+            proc.kill()
+            proc.communicate()
+        ckpt = assert_loadable_and_finite(out / "ckpt.pt")
+        assert max(train_steps(out)) - ckpt["step"] <= 1         # at most the steps since the last save
+        resume = ["--init_from=resume"]
+    code, stdout, stderr = run(f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=20")
+    assert code == 0, stderr
+    assert reference.wait() == 0
+    ref, got = train_steps(tmp_path / "ref"), train_steps(out)
+    assert sorted(got) == list(range(1, 21))
+    assert all(abs(got[s] - ref[s]) <= 1e-5 for s in ref), (ref, got)
+    assert not list(out.glob(".*.tmp"))                         # temp files of killed saves are cleaned up
+
+
+# -----------------------------------------------------------------------------
+# Non-finite loss
+
+def test_nan_loss_stops_with_exit_2_naming_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--eval_interval=100", "--ckpt_interval=3"]
+    clean = start(*common, f"--out_dir={tmp_path / 'clean'}", "--max_iters=6")   # the same run, up to step 6
+    code, _, stderr = run(*common, f"--out_dir={tmp_path / 'nan'}", "--max_iters=20", "--debug_nan_step=7")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("error: non-finite loss or gradient at step 7 ")
+    assert f"the last good checkpoint is {tmp_path / 'nan' / 'ckpt.pt'} (step 6)" in stderr
+    ckpt = assert_loadable_and_finite(tmp_path / "nan" / "ckpt.pt")
+    assert clean.wait() == 0
+    good = load_checkpoint(tmp_path / "clean" / "ckpt.pt")
+    assert ckpt["step"] == good["step"] == 6
+    assert all(torch.equal(ckpt["model"][k], good["model"][k]) for k in good["model"])
+
+
+def test_nonfinite_skip_skips_the_update_and_continues(data, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=8",
+                               "--eval_interval=100", "--nonfinite=skip", "--debug_nan_step=4")
+    assert code == 0, stderr
+    assert "step 4: non-finite loss or gradient, update skipped (1 in a row)" in stdout
+    steps = train_steps(out)
+    assert steps[4] is None and all(steps[s] is not None for s in (1, 2, 3, 5, 6, 7, 8))
+    assert assert_loadable_and_finite(out / "ckpt.pt")["step"] == 8
