@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from matplotlib.colors import LinearSegmentedColormap, to_rgb
 from matplotlib.figure import Figure   # no pyplot: no global state, Agg canvas on savefig
-from matplotlib.ticker import EngFormatter, PercentFormatter
+from matplotlib.ticker import EngFormatter, LogFormatter, PercentFormatter
 
 REPO = Path(__file__).resolve().parent
 COLORS = {"dense": "#555555", "moe": "#1f77b4", "aoe": "#2ca02c", "uoe": "#d62728"}   # one per variant
@@ -150,6 +150,8 @@ def plot_loss(runs, x="tokens", log=False):
     """Training loss (left) and validation loss (right) against x in {tokens, flops}. The train curve
     is the eval lines' train_loss (same estimator as val_loss); a run without eval lines falls back
     to the logged training cross-entropy ("ce")."""
+    if not any(r.get(x) is not None for run in runs for r in run.train_rows + run.eval_rows):
+        raise Skip(f"no train or eval records with {x!r} in metrics.jsonl yet")
     fig = new_figure(10, 4.5)
     ax_train, ax_val = fig.subplots(1, 2, sharex=True, sharey=True)
     for run in runs:
@@ -169,6 +171,8 @@ def plot_loss(runs, x="tokens", log=False):
         if log:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(LogFormatter())   # '3', not '3 x 10^0'
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         else:
             ax.xaxis.set_major_formatter(EngFormatter())
     ax_train.set_ylabel("cross-entropy (nats/token)")
@@ -559,7 +563,7 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="out_dir of one or several runs")
     p.add_argument("--out_dir", help="where the figures go (default: the run's folder, or figures/ for several)")
     p.add_argument("--x", choices=list(X_AXES), default="tokens", help="x axis of the loss curves")
-    p.add_argument("--log", action="store_true", help="log-log loss curves")
+    p.add_argument("--log", action="store_true", help="loss curves on log-log axes")
     p.add_argument("--data_dir", help="dataset folder with val.bin (default: data/<dataset> from run.json)")
     p.add_argument("--val_tokens", type=int, default=4096, help="validation tokens for checkpoint figures")
     p.add_argument("--min_count", type=int, default=10, help="specialisation: least occurrences of a token type")

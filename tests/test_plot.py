@@ -149,6 +149,17 @@ def test_missing_val_data_skips_checkpoint_figures_with_a_note(runs, tmp_path, c
                      "load_heatmap.png"}
 
 
+def test_plot_run_survives_a_cut_log_without_run_json(runs, tmp_path):
+    out = tmp_path / "partial"
+    out.mkdir()
+    log = (runs["uoe"] / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(log[:len(log) // 2])   # the last line cut in the middle
+    names = {p.name for p in plot.plot_run(out, strict=True)}
+    assert {"loss.png", "ent_load.png", "load_heatmap.png"} <= names
+    (out / "metrics.jsonl").write_text("")
+    assert plot.plot_run(out, strict=True) == []
+
+
 def test_loss_curves_show_the_runs_eval_losses_against_tokens_and_flops(runs):
     all_runs = plot.load_runs([runs["uoe"], runs["moe"]])
     for x in ("tokens", "flops"):
