@@ -313,12 +313,9 @@ def val_routing(model, val, n_tokens=4096, seq_len=256, batch_size=8):
         raise Skip(f"validation token id {int(idx.max())} >= vocab_size {model.config.vocab_size}: wrong dataset")
     out = {"tokens": idx.flatten(), "scores": [], "topk_idx": []}
     per_layer = [[] for _ in model.transformer.h]
-    tr = model.transformer
     for xb in idx.split(batch_size):
-        # the blocks of GPT.forward without the lm_head, which routing does not need
-        x = tr.drop(tr.wte(xb) + tr.wpe(torch.arange(xb.size(1))))
-        for block, acc in zip(tr.h, per_layer):
-            x = block(x)
+        model(xb)   # the forward leaves each routed FFN's decisions in block.mlp.last_routing
+        for block, acc in zip(model.transformer.h, per_layer):
             acc.append(getattr(block.mlp, "last_routing", None))
     for acc in per_layer:
         routed = acc[0] is not None
