@@ -361,7 +361,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))     # (B, T, vocab_size)
         if targets is None:
             return logits, None
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         mlps = [block.mlp for block in self.transformer.h]
         aux = sum((m.aux_loss for m in mlps if hasattr(m, "aux_loss")), ce.new_zeros(()))
         z = sum((m.z_loss for m in mlps if hasattr(m, "z_loss")), ce.new_zeros(()))
