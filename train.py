@@ -210,14 +210,13 @@ def split_options(values):
 
 def check_train_config(train, world):
     """Reject training settings that cannot work, before any work is done."""
-    rules = [
+    positive = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                "max_skips") + (("ckpt_interval",) if train.ckpt_interval is not None else ())
+    rules = [(getattr(train, name) >= 1, f"--{name} must be >= 1") for name in positive] + [
+        (train.max_iters >= 0, "--max_iters must be >= 0"),
         (train.init_from in ("scratch", "resume"), "--init_from must be 'scratch' or 'resume'"),
         (train.nonfinite in ("stop", "skip"), "--nonfinite must be 'stop' or 'skip'"),
         (train.dtype in ("auto", "bfloat16", "float32"), "--dtype must be 'auto', 'bfloat16' or 'float32'"),
-        (min(train.max_iters + 1, train.batch_size, train.gradient_accumulation_steps, train.eval_interval,
-             train.eval_iters, train.log_interval, train.ckpt_interval or 1, train.max_skips) >= 1,
-         "max_iters must be >= 0 and batch_size, gradient_accumulation_steps, eval_interval, eval_iters, "
-         "log_interval, ckpt_interval, max_skips >= 1"),
         (train.gradient_accumulation_steps % world == 0,
          f"--gradient_accumulation_steps={train.gradient_accumulation_steps} must be divisible by the "
          f"number of processes ({world})"),
@@ -301,8 +300,7 @@ def open_dataset(train, master, ddp):
     redo = f"delete {folder} and run again to re-prepare it (or run data/prepare.py)"
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        dtype = np.dtype(meta["dtype"])
-        meta["vocab_size"] + 0
+        dtype, _ = np.dtype(meta["dtype"]), int(meta["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{folder}/meta.json is unreadable or incomplete ({type(e).__name__}: {e}); {redo}") from None
     splits = {}
@@ -438,14 +436,9 @@ def request_stop(signum, frame):
 
 # -----------------------------------------------------------------------------
 
-def main(argv):
-    values, explicit = parse_args(argv)
-    ddp = "RANK" in os.environ   # started by torchrun
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, None, 1)
-    master = rank == 0
-    device = resolve_device(values["device"], local_rank)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+def check_run(values, explicit, world, master, ddp):
+    """Find everything wrong with the options, out_dir, the checkpoint to resume and the data before any
+    training. Returns (train, cfg, ckpt or None, meta, splits, values with the checkpoint's settings)."""
     out_dir = Path(values["out_dir"])
     ckpt_path = out_dir / "ckpt.pt"
     if master:
@@ -468,27 +461,43 @@ def main(argv):
         if len(data) <= cfg.block_size:
             raise UserError(f"block_size {cfg.block_size} is longer than the {split} split ({len(data)} tokens); "
                             f"use --block_size={len(data) - 1} or less, or more data")
+    return train, cfg, ckpt, meta, splits, values
 
-    # model, optimizer, precision
+
+def build(cfg, train, ckpt, device, rank):
+    """Model, optimizer and batch generator, restored from ckpt if resuming; and (step, tokens, best val loss)."""
     torch.manual_seed(train.seed + rank)        # + rank: different dropout masks per process
-    raw_model = GPT(cfg).to(device)
-    optimizer = make_optimizer(raw_model, train, device)
+    model = GPT(cfg).to(device)
+    optimizer = make_optimizer(model, train, device)
     batch_rng = np.random.default_rng(train.seed)  # the same on every rank: all draw the global batch
-    step, tokens, best_val = 0, 0, math.inf
-    if ckpt is not None:
-        try:
-            raw_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]}); "
-                            "resume with the uoe.py that wrote it, or start a new run") from None
-        step, tokens, best_val = ckpt["step"], ckpt["data"]["tokens"], ckpt["best_val_loss"]
-        batch_rng.bit_generator.state = ckpt["data"]["batch_rng"]
-        if master:
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        del ckpt                                # free the memory of a second copy of the weights
+    if ckpt is None:
+        return model, optimizer, batch_rng, (0, 0, math.inf)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"the checkpoint does not fit this model ({str(e).splitlines()[0]}); "
+                        "resume with the uoe.py that wrote it, or start a new run") from None
+    batch_rng.bit_generator.state = ckpt["data"]["batch_rng"]
+    if rank == 0:   # (other ranks' dropout streams are not saved: only dropout > 0 notices)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return model, optimizer, batch_rng, (ckpt["step"], ckpt["data"]["tokens"], ckpt["best_val_loss"])
+
+
+def main(argv):
+    values, explicit = parse_args(argv)
+    ddp = "RANK" in os.environ   # started by torchrun
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, None, 1)
+    master = rank == 0
+    device = resolve_device(values["device"], local_rank)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    train, cfg, ckpt, meta, splits, values = check_run(values, explicit, world, master, ddp)
+    out_dir, ckpt_path = Path(train.out_dir), Path(train.out_dir) / "ckpt.pt"
+    raw_model, optimizer, batch_rng, (step, tokens, best_val) = build(cfg, train, ckpt, device, rank)
+    del ckpt                                    # free the memory of a second copy of the weights
     use_compile = train.compile if train.compile is not None else device.type == "cuda"
     compiled = torch.compile(raw_model) if use_compile else raw_model
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if ddp else compiled
@@ -514,7 +523,8 @@ def main(argv):
         elif metrics_path.exists():
             metrics_path.unlink()               # a fresh run (with --overwrite) starts a fresh log
         total, active = param_counts(cfg)
-        print(f"model {cfg.ffn}: {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_expert} experts top-{cfg.top_k}; "
+        experts = f"{cfg.n_expert} experts top-{cfg.top_k}" if cfg.ffn != "dense" else f"FFN width {cfg.expert_hidden}"
+        print(f"model {cfg.ffn}: {cfg.n_layer} layers x {cfg.n_embd} wide, {experts}; "
               f"{total / 1e6:.2f}M params, {active / 1e6:.2f}M active per token; {tokens_per_step} tokens/step; "
               f"{device} {'bfloat16' if use_bf16 else 'float32'}{' compiled' if use_compile else ''}"
               f"{f' x {world} processes' if ddp else ''}; {'resuming at step ' + str(step) if step else 'from scratch'}",
@@ -537,7 +547,7 @@ def main(argv):
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     start_step, last_ckpt_step, skips, last_eval = step, (step if step else None), 0, None
-    t_start = t_last = time.time()
+    t_start = time.time()
     while True:
         done = step >= train.max_iters
         if master and (step % train.eval_interval == 0 or done):
@@ -552,6 +562,7 @@ def main(argv):
             last_ckpt_step = step
         if done:
             break
+        t0 = time.time()                        # step_ms times the step alone, not evals or saves
 
         # one optimizer step: every rank draws the same global batch and takes its micro-batches,
         # so N processes compute exactly what one process with the same global batch computes
@@ -595,7 +606,7 @@ def main(argv):
         tokens += tokens_per_step
 
         now = time.time()
-        dt, t_last = now - t_last, now
+        dt = now - t0
         if master and step % train.log_interval == 0:
             tok_per_s = tokens_per_step / dt
             mfu = 3 * flops_token * tok_per_s / (PEAK_FLOPS * world) if device.type == "cuda" else None
