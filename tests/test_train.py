@@ -181,3 +181,14 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     lrs = [train.get_lr(s, t) for s in range(120)]
     assert lrs[0] < lrs[5] < lrs[9] < 1.0 and lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[110] == lrs[119] == 0.1
+
+
+@pytest.mark.skipif(not os.environ.get("UOE_SLOW_TESTS"), reason="torch.compile on CPU takes a minute or more; "
+                    "set UOE_SLOW_TESTS=1 to run it")
+def test_compile_trains_like_eager(data, tmp_path):
+    common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--max_iters=8", "--eval_interval=8"]
+    p = run(*common, f"--out_dir={tmp_path / 'compiled'}", "--compile=True")
+    assert "compiled" in p.stdout.splitlines()[0]
+    run(*common, f"--out_dir={tmp_path / 'eager'}")
+    a, b = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert sorted(a) == list(range(1, 9)) and all(abs(a[s] - b[s]) < 1e-3 for s in a), (a, b)
