@@ -148,29 +148,37 @@ def route_norm(h, p):
     return torch.linalg.vector_norm(h, ord=math.inf if p == "inf" else p, dim=-1)
 
 
-def dispatch(x, topk_idx, gates, expert_fn, extra=None):
+# Under torch.compile the dispatch runs eagerly (one graph break per layer, as its .tolist() would
+# cause anyway): its block sizes are data, and dynamo, which specialises sizes 0 and 1, would
+# recompile whenever a new set of experts gets 0 or 1 tokens, and fall back to eager after 8.
+@torch.compiler.disable
+def dispatch(x, topk_idx, gates, expert_fn, weights, extra=None):
     """Run every token through its K chosen experts: dropless, no capacity, no loop over tokens.
 
     The (token, expert) assignments are sorted by expert so that each expert sees one contiguous
-    block of its tokens; expert_fn(e, x_e, extra_e) computes expert e on that block; the outputs
-    are scaled by their gates and summed back per token with index_add_ (Mixtral-style, §2).
+    block of its tokens; expert_fn(x_e, weights_e, extra_e) computes expert e on that block with
+    its own slices of `weights`, a tuple of expert-stacked (E, ...) tensors; the outputs are
+    scaled by their gates and summed back per token with index_add_ (Mixtral-style, §2).
     x: (N, C); topk_idx, gates: (N, K); extra: optional (N, E, X) per-(token, expert) inputs that
     scoring already computed (AoE's C_i, UoE's routing activations): reused, not recomputed.
+
+    Speed: the per-expert blocks come from one split() of the sorted tokens and one unbind() of
+    each stacked weight, whose backward is one cat / stack. Taking them one at a time
+    (x_sorted[a:b], w[e]) gives the same forward, but in backward each such index writes its
+    gradient into a fresh zero tensor of the full size, and those are summed: E full-size copies
+    per tensor and layer (E^2 * C * D work for the weights). On CPU that made the expert path
+    (forward + backward) ~1.3x slower; see `python bench.py speed`.
     """
     N, K = topk_idx.shape
+    E = weights[0].shape[0]
     flat_expert = topk_idx.flatten()                             # (N*K,)
     order = flat_expert.argsort(stable=True)                     # assignments grouped by expert
     token = order // K                                           # (N*K,) token of each assignment
-    counts = torch.bincount(flat_expert).tolist()                # tokens per expert (host sync)
-    x_sorted = x[token]                                          # (N*K, C)
-    extra_sorted = None if extra is None else extra[token, flat_expert[order]]  # (N*K, X)
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            rows = slice(start, start + n)
-            outs.append(expert_fn(e, x_sorted[rows], None if extra is None else extra_sorted[rows]))
-            start += n
-    y_sorted = torch.cat(outs)                                   # (N*K, C)
+    counts = torch.bincount(flat_expert, minlength=E).tolist()   # tokens per expert (host sync)
+    x_e = x[token].split(counts)                                 # E blocks (n_e, C); n_e may be 0
+    extra_e = [None] * E if extra is None else extra[token, flat_expert[order]].split(counts)  # (n_e, X)
+    weights_e = list(zip(*(w.unbind(0) for w in weights)))       # E tuples: one expert's weights
+    y_sorted = torch.cat([expert_fn(x_e[e], weights_e[e], extra_e[e]) for e in range(E)])  # (N*K, C)
     y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
     return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
 
@@ -192,8 +200,8 @@ class MoEFFN(nn.Module):
             self.shared_up = nn.Parameter(torch.empty(C, S * D))
             self.shared_down = nn.Parameter(torch.empty(S * D, C))
 
-    def expert(self, e, x_e, _):
-        return swiglu(x_e, self.w_gate[e], self.w_up[e], self.w_down[e])
+    def expert(self, x_e, w_e, _):
+        return swiglu(x_e, *w_e)                                   # w_e: this expert's (W_g, W_p, W_o)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -201,7 +209,7 @@ class MoEFFN(nn.Module):
         logits = upcast(x @ self.router)                        # (N, E) router logits
         top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, K)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
-        y = dispatch(x, topk_idx, gates, self.expert)
+        y = dispatch(x, topk_idx, gates, self.expert, (self.w_gate, self.w_up, self.w_down))
         if hasattr(self, "shared_gate"):
             y = y + swiglu(x, self.shared_gate, self.shared_up, self.shared_down)
         self.aux_loss = load_balance_loss(logits, topk_idx)
@@ -223,8 +231,9 @@ class AoEFFN(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, C, D))
         self.w_down = nn.Parameter(torch.empty(E, D, C))
 
-    def expert(self, e, x_e, c_e):
-        return (F.silu(c_e @ self.w_gate_b[e]) * (x_e @ self.w_up[e])) @ self.w_down[e]
+    def expert(self, x_e, w_e, c_e):
+        w_gate_b, w_up, w_down = w_e                               # B_i, W_p^i, W_o^i
+        return (F.silu(c_e @ w_gate_b) * (x_e @ w_up)) @ w_down
 
     def forward(self, x):
         B, T, C = x.shape
@@ -234,7 +243,7 @@ class AoEFFN(nn.Module):
         scores = route_norm(upcast(c), self.p)                     # (N, E)
         top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
         gates = F.softmax(top_s, dim=-1)
-        y = dispatch(x, topk_idx, gates, self.expert, extra=c)
+        y = dispatch(x, topk_idx, gates, self.expert, (self.w_gate_b, self.w_up, self.w_down), extra=c)
         self.aux_loss = load_balance_loss(scores, topk_idx)
         self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
         return y.view(B, T, C)
@@ -264,15 +273,23 @@ class UoEFFN(nn.Module):
         E, C, _ = w.shape
         return w[:, :, :self.R].transpose(0, 1).reshape(C, E * self.R)
 
-    def expert(self, e, x_e, h_e):
-        """Q_i (units R..D-1) of expert e; with routed_includes_R also R_i, from the routing
-        hidden h_e computed during scoring (a_i*xW_p if available, else a_i: finish it here)."""
+    def expert(self, x_e, w_e, h_e):
+        """Q_i(x) of one expert (its units R..D-1); with routed_includes_R plus R_i(x), from the
+        routing hidden h_e computed during scoring (a_i*xW_p if available, else a_i: finish it)."""
+        w_gate_q, w_up_q, w_down_q, w_up_r, w_down_r = w_e         # see expert_weights
+        y = swiglu(x_e, w_gate_q, w_up_q, w_down_q)                # Q_i(x), (n, C)
+        if self.routed_includes_R:
+            h_r = h_e if self.hidden_for_all else h_e * (x_e @ w_up_r)   # (n, R)
+            y = y + h_r @ w_down_r                                 # + R_i(x)
+        return y
+
+    def expert_weights(self):
+        """The weights dispatch hands to expert(), stacked over experts: the units R..D-1 (Q_i),
+        then the routing units' W_p and W_o (R_i, used by "twice" and without VSE). Slicing the
+        stacked tensors once, rather than each expert's, keeps backward at one copy per tensor."""
         R = self.R
-        h_q = F.silu(x_e @ self.w_gate[e, :, R:]) * (x_e @ self.w_up[e, :, R:])   # (n, D-R)
-        if not self.routed_includes_R:
-            return h_q @ self.w_down[e, R:]
-        h_r = h_e if self.hidden_for_all else h_e * (x_e @ self.w_up[e, :, :R])    # (n, R)
-        return torch.cat([h_r, h_q], dim=-1) @ self.w_down[e]
+        return (self.w_gate[:, :, R:], self.w_up[:, :, R:], self.w_down[:, R:],   # (E, C, D-R), .., (E, D-R, C)
+                self.w_up[:, :, :R], self.w_down[:, :R])                          # (E, C, R), (E, R, C)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -286,7 +303,7 @@ class UoEFFN(nn.Module):
         top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
         gates = F.softmax(top_s, dim=-1)
         extra = (h if self.hidden_for_all else a) if self.routed_includes_R else None
-        routed = dispatch(x, topk_idx, gates, self.expert, extra=extra)   # (N, C)
+        routed = dispatch(x, topk_idx, gates, self.expert, self.expert_weights(), extra=extra)   # (N, C)
         self.aux_loss = load_balance_loss(scores, topk_idx)
         self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
         if not self.vse:
