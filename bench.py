@@ -52,17 +52,20 @@ REPO = Path(__file__).resolve().parent
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                  "A10G": 70e12, "4090": 165e12, "3090": 71e12}
 
-# Defaults per preset and command; a flag given on the command line wins.
+# Defaults per preset and command; a flag given on the command line wins. CPU runs use one thread
+# unless told otherwise: on a machine shared with other jobs, an op split over 2 threads waits for
+# the second one to get a core, and every matmul then took >= 7 ms here (1 thread: 189 GFLOP/s
+# on 1024^2; 2 threads on a loaded 2-core machine: 6-110 GFLOP/s).
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_expert", "top_k", "expert_hidden")
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, vocab_size=65,
-                n_expert=8, top_k=2, expert_hidden=256, dtype="float32", compile="both", reps=7, warmup=3),
+                n_expert=8, top_k=2, expert_hidden=256, dtype="float32", compile="both", reps=7, warmup=3, threads=1),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50304,
                 n_expert=8, top_k=2, expert_hidden=1024, dtype="bfloat16", compile="both", reps=20, warmup=3),
 }
 QUALITY_PRESETS = {   # quality trains 7 configs x seeds: smaller and eager on CPU
     "cpu": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16, n_expert=8, top_k=2,
-                expert_hidden=128, dtype="float32", compile="eager", steps=250, seeds=2, lr=3e-3,
+                expert_hidden=128, dtype="float32", compile="eager", steps=250, seeds=2, lr=3e-3, threads=1,
                 warmup_steps=25, eval_interval=25, eval_iters=10, dataset="shakespeare_char"),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, n_expert=8, top_k=2,
                 expert_hidden=1024, dtype="bfloat16", compile="compile", steps=2000, seeds=3, lr=6e-4,
@@ -123,7 +126,7 @@ def build_parser():
         s.add_argument("--compile", choices=("eager", "compile", "both"))
         s.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16 = autocast (CUDA)")
         s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        s.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
+        s.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads); the cpu preset uses 1")
         s.add_argument("--out_dir", default="bench_out")
         s.add_argument("--json", help=f"output JSON (default OUT_DIR/bench_{name}.json)")
         if name == "speed":
@@ -391,18 +394,40 @@ def memory_in_subprocess(config, args):
 
 
 def memory_probe(spec):
-    """The `_memory` child of memory_in_subprocess: prints one JSON line."""
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # KiB on Linux
+    """The `_memory` child of memory_in_subprocess: prints one JSON line. A micro model trains
+    first, so that torch's one-time allocations (~90 MB: autograd, thread pools, BLAS buffers)
+    are not counted; then (Linux) the RSS high-water mark is reset and the real model trains."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     cfg = GPTConfig(**spec["config"])
+    micro = GPTConfig(ffn=cfg.ffn, vocab_size=cfg.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8,
+                      n_expert=cfg.n_expert, top_k=cfg.top_k, expert_hidden=max(16, 2 * cfg.n_expert))
+    model = GPT(micro)
+    train_step(model, make_optimizer(model), torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long),
+               nullcontext())
+    del model
+    base = rss_mb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")          # VmHWM := VmRSS
+    except OSError:
+        base = rss_mb("VmHWM")                                  # no reset: can under-report
     model = GPT(cfg)
     opt = make_optimizer(model)
     x = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.block_size))
     for _ in range(2):
         train_step(model, opt, x, x, nullcontext())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_delta_mb": (peak - base) / 1024, "peak_rss_mb": peak / 1024}))
+    print(json.dumps({"peak_rss_delta_mb": rss_mb("VmHWM") - base, "peak_rss_mb": rss_mb("VmHWM")}))
+
+
+def rss_mb(field):
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024                 # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux; best effort
 
 
 def cuda_peak_memory_mb(run, x, y, args):
