@@ -64,9 +64,9 @@ PRESETS = {
                 n_expert=8, top_k=2, expert_hidden=1024, dtype="bfloat16", compile="both", reps=20, warmup=3),
 }
 QUALITY_PRESETS = {   # quality trains 7 configs x seeds: smaller and eager on CPU
-    "cpu": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16, n_expert=8, top_k=2,
-                expert_hidden=128, dtype="float32", compile="eager", steps=250, seeds=2, lr=3e-3, threads=1,
-                warmup_steps=25, eval_interval=25, eval_iters=10, dataset="shakespeare_char"),
+    "cpu": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=32, n_expert=8, top_k=2,
+                expert_hidden=128, dtype="float32", compile="eager", steps=500, seeds=2, lr=6e-3, threads=1,
+                warmup_steps=50, eval_interval=50, eval_iters=10, dataset="shakespeare_char"),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, n_expert=8, top_k=2,
                 expert_hidden=1024, dtype="bfloat16", compile="compile", steps=2000, seeds=3, lr=6e-4,
                 warmup_steps=100, eval_interval=100, eval_iters=20, dataset="shakespeare"),
@@ -241,8 +241,8 @@ def compile_blocks(model):
     Why not torch.compile(model): with torch 2.13's inductor, a loss `ce + coef * zeros` whose
     `ce.detach()` is also kept (GPT.forward's last_ce; dense has no aux loss) comes back without
     a grad_fn; and for the routed variants dynamo skips GPT.forward anyway, because the graph
-    break in dispatch (.tolist()) falls inside its loop over blocks. Compiling the blocks is
-    the same for all four variants."""
+    break at uoe.dispatch (which runs eagerly) falls inside its loop over blocks. Compiling the
+    blocks treats all four variants alike."""
     for block in model.transformer.h:
         block.compile()
 
@@ -553,10 +553,13 @@ def fmt(v, spec, none="–"):
 def speed_table(res):
     cpu = res["device"] == "cpu"
     util = "of matmul" if cpu else "MFU"
-    lines = [f"Speed: {res['device_name']}, {res['threads']} threads, {res['dtype']}, "
-             f"{res['tokens_per_step']} tokens/step, median of {res['reps']} interleaved steps. "
-             f"Matched active FLOPs; {'1024^2 fp32 matmul' if cpu else 'bf16 peak'}: "
-             f"{(res['matmul']['flops_per_s'] if cpu else res['gpu_peak_flops'] or float('nan')) / 1e9:.1f} GFLOP/s.",
+    b = res["base_config"]
+    ref = (f"1024^2 fp32 matmul {res['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s" if cpu else
+           f"bf16 peak {res['gpu_peak_flops'] / 1e12:.0f} TFLOP/s" if res["gpu_peak_flops"] else "bf16 peak unknown")
+    lines = [f"Speed: {res['device_name']}, torch {res['torch']}, {res['threads']} threads, {res['dtype']}; "
+             f"UoE {b['n_layer']}x{b['n_embd']}, E={b['n_expert']}, K={b['top_k']}, D={b['expert_hidden']}, "
+             f"others' D matched on active FLOPs; {res['tokens_per_step']} tokens/step; "
+             f"median of {res['reps']} interleaved steps; {ref}.",
              "",
              f"| variant | mode | D | params (total / active) | fwd MFLOP/tok | step ms | tokens/s | "
              f"peak mem MB | GFLOP/s | {util} |",
