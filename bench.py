@@ -59,15 +59,15 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_expert", "top_k", "expert_hidden")
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, vocab_size=65,
-                n_expert=8, top_k=2, expert_hidden=256, dtype="float32", compile="both", reps=7, warmup=3, threads=1),
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50304,
+                n_expert=8, top_k=2, expert_hidden=256, dtype="float32", compile="both", reps=11, warmup=3, threads=1),
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, vocab_size=50304,
                 n_expert=8, top_k=2, expert_hidden=1024, dtype="bfloat16", compile="both", reps=20, warmup=3),
 }
 QUALITY_PRESETS = {   # quality trains 7 configs x seeds: smaller and eager on CPU
     "cpu": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=32, n_expert=8, top_k=2,
                 expert_hidden=128, dtype="float32", compile="eager", steps=500, seeds=2, lr=6e-3, threads=1,
                 warmup_steps=50, eval_interval=50, eval_iters=10, dataset="shakespeare_char"),
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, n_expert=8, top_k=2,
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, n_expert=8, top_k=2,
                 expert_hidden=1024, dtype="bfloat16", compile="compile", steps=2000, seeds=3, lr=6e-4,
                 warmup_steps=100, eval_interval=100, eval_iters=20, dataset="shakespeare"),
 }
