@@ -133,7 +133,8 @@ def load_balance_loss(scores, topk_idx):
     """Switch-style L_aux = n * sum_i f_i P_i (§4); equals 1 at perfect balance.
     scores: (N, E) router logits or norms; topk_idx: (N, K)."""
     E = scores.size(-1)
-    f = torch.bincount(topk_idx.flatten(), minlength=E).to(scores.dtype) / topk_idx.numel()  # (E,)
+    ones = torch.ones(topk_idx.numel(), dtype=scores.dtype, device=scores.device)
+    f = scores.new_zeros(E).index_add_(0, topk_idx.flatten(), ones) / topk_idx.numel()   # (E,) (no graph break, unlike bincount)
     P = F.softmax(scores, dim=-1).mean(dim=0)                                               # (E,)
     return E * (f * P).sum()
 
@@ -379,11 +380,14 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        mlps = [block.mlp for block in self.transformer.h]
-        aux = sum((m.aux_loss for m in mlps if hasattr(m, "aux_loss")), ce.new_zeros(()))
-        z = sum((m.z_loss for m in mlps if hasattr(m, "z_loss")), ce.new_zeros(()))
+        loss, aux = ce, ce.new_zeros(())
+        routed = [block.mlp for block in self.transformer.h if hasattr(block.mlp, "aux_loss")]
+        if routed:   # (a dense model's loss stays ce itself: inductor in torch 2.13 drops the grad of ce + 0*zeros)
+            aux = sum(m.aux_loss for m in routed)
+            z = sum(getattr(m, "z_loss", 0.0) for m in routed)   # moe only
+            loss = ce + self.config.aux_loss_coef * aux + self.config.z_loss_coef * z
         self.last_ce, self.last_aux = ce.detach(), aux.detach()
-        return logits, ce + self.config.aux_loss_coef * aux + self.config.z_loss_coef * z
+        return logits, loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -290,7 +290,7 @@ def test_match_config_within_one_hidden_unit(ffn, by):
 
 # ---- torch.compile ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ffn", ["moe", "uoe"])
+@pytest.mark.parametrize("ffn", ["dense", "moe", "uoe"])
 def test_compile_matches_eager(ffn):
     torch.manual_seed(0)
     model = GPT(cfg(ffn=ffn, n_layer=1))
@@ -298,6 +298,7 @@ def test_compile_matches_eager(ffn):
     _, eager = model(idx, idx)
     _, compiled = torch.compile(model)(idx, idx)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert compiled.requires_grad   # the compiled loss can be trained on
 
 
 # ---- validation -------------------------------------------------------------------------------
