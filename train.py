@@ -52,7 +52,7 @@ class TrainConfig:
     init_from: str = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     overwrite: bool = False             # let a fresh run replace an existing out_dir/ckpt.pt
     # optimisation
-    max_iters: int = 2000               # optimizer steps
+    max_iters: int = 1000               # optimizer steps (the default run: ~5 min on 2 CPU cores)
     batch_size: int = 16                # sequences per micro-step, per process
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, over all processes together
     learning_rate: float = 2e-3         # peak learning rate
@@ -326,14 +326,14 @@ def prepare_dataset(name, data_dir):
         raise UserError(str(e)) from None
 
 
-def fit_vocab(cfg, meta, explicit, ckpt):
+def fit_vocab(cfg, meta, explicit, ckpt, folder):
     """The model's vocab_size comes from meta.json unless set (larger, e.g. padded to 50304)."""
     n = meta["vocab_size"]
     if ckpt is not None:
         trained_on = ckpt["data"].get("meta_vocab_size", ckpt["config"]["vocab_size"])
         if n != trained_on:
-            raise UserError(f"meta.json of dataset {ckpt['train_config']['dataset']!r} has vocab_size {n} but the "
-                            f"checkpoint was trained on data with vocab_size {trained_on}; resume on the same data")
+            raise UserError(f"{folder}/meta.json has vocab_size {n} but the checkpoint was trained on data with "
+                            f"vocab_size {trained_on}; resume on the same data (check --dataset and --data_dir)")
         return cfg
     if "vocab_size" in explicit:
         if cfg.vocab_size < n:
@@ -408,7 +408,7 @@ def truncate_metrics(path, step):
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue                 # a last line cut short by a kill
-        if rec["step"] < step or (rec["step"] == step and rec["kind"] == "train"):
+        if rec.get("step", 0) < step or (rec.get("step") == step and rec.get("kind") == "train"):
             keep.append(line + "\n")
     write_atomic(path, "".join(keep))
 
@@ -456,7 +456,7 @@ def check_run(values, explicit, world, master, ddp):
     check_train_config(train, world)
     cfg = make_model_config(model_values)       # validated before the (maybe slow) data preparation
     meta, splits = open_dataset(train, master, ddp)
-    cfg = fit_vocab(cfg, meta, explicit, ckpt)
+    cfg = fit_vocab(cfg, meta, explicit, ckpt, Path(train.data_dir) / train.dataset)
     for split, data in splits.items():
         if len(data) <= cfg.block_size:
             raise UserError(f"block_size {cfg.block_size} is longer than the {split} split ({len(data)} tokens); "
