@@ -46,7 +46,7 @@ EVAL_SEED = 0        # the fixed eval batches depend on this, not on --seed: eve
 @dataclass
 class TrainConfig:
     # data and output
-    dataset: str = "shakespeare_char"   # data_dir/<dataset>/{train,val}.bin + meta.json; known names are prepared if missing
+    dataset: str = "shakespeare_char"   # data_dir/<dataset>/{train,val}.bin, meta.json; prepared if missing
     data_dir: str = "data"              # folder holding the datasets (relative to the current directory)
     out_dir: str = "out"                # where ckpt.pt, metrics.jsonl and run.json go
     init_from: str = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
@@ -489,7 +489,8 @@ def build(cfg, train, ckpt, device, rank):
 def main(argv):
     values, explicit = parse_args(argv)
     ddp = "RANK" in os.environ   # started by torchrun
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, None, 1)
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
+        else (0, None, 1)
     master = rank == 0
     device = resolve_device(values["device"], local_rank)
     if ddp:
@@ -527,7 +528,8 @@ def main(argv):
         print(f"model {cfg.ffn}: {cfg.n_layer} layers x {cfg.n_embd} wide, {experts}; "
               f"{total / 1e6:.2f}M params, {active / 1e6:.2f}M active per token; {tokens_per_step} tokens/step; "
               f"{device} {'bfloat16' if use_bf16 else 'float32'}{' compiled' if use_compile else ''}"
-              f"{f' x {world} processes' if ddp else ''}; {'resuming at step ' + str(step) if step else 'from scratch'}",
+              f"{f' x {world} processes' if ddp else ''}; "
+              f"{f'resuming at step {step}' if train.init_from == 'resume' else 'from scratch'}",
               flush=True)
     metrics = open(metrics_path, "a") if master else None
 
@@ -546,7 +548,8 @@ def main(argv):
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    start_step, last_ckpt_step, skips, last_eval = step, (step if step else None), 0, None
+    start_step, skips, last_eval = step, 0, None
+    last_ckpt_step = step if train.init_from == "resume" else None
     t_start = time.time()
     while True:
         done = step >= train.max_iters
@@ -557,7 +560,9 @@ def main(argv):
             log({"kind": "eval", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens,
                  "train_loss": losses["train"], "val_loss": losses["val"]})
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
-        if master and step > start_step and (step % (train.ckpt_interval or train.eval_interval) == 0 or done):
+        unsaved = step > start_step or train.init_from == "scratch"   # this step's state is not in ckpt.pt
+        due = step > start_step and step % (train.ckpt_interval or train.eval_interval) == 0
+        if master and unsaved and (due or done):
             save(step)
             last_ckpt_step = step
         if done:
@@ -583,7 +588,9 @@ def main(argv):
             stats += torch.stack([loss.detach(), raw_model.last_ce, raw_model.last_aux]).float() / micro_steps
         # the total gradient norm (and clipping) tells at once whether any gradient is NaN/inf
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train.grad_clip or math.inf)
-        flags = torch.cat([stats, norm.float().reshape(1), torch.tensor([float(STOP["signum"] is not None)], device=device)])
+        stop = torch.tensor([float(STOP["signum"] is not None)], device=device)
+        flags = torch.cat([stats, norm.float().reshape(1), stop])
+        # (the aux loss and routing statistics are each rank's own, over its own tokens, as in any DDP MoE)
         if ddp:   # mean loss over ranks; every rank learns of a signal on any rank, so all stop together
             dist.all_reduce(flags)
             flags[:4] /= world
