@@ -14,6 +14,8 @@ model and training settings apply; options given on the command line override tr
 and a model option that differs from the checkpoint's is an error.
 Exit codes: 0 finished; 2 bad input or a non-finite loss (one `error: ...` line, no checkpoint
 written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + signal number).
+Under torchrun, signal torchrun: it passes SIGTERM to every worker, they save and exit 143, and
+torchrun itself then exits 1 with its own traceback.
 """
 import ast
 import dataclasses
