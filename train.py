@@ -82,13 +82,9 @@ class TrainConfig:
     debug_nan_step: int = -1            # testing aid: make the loss NaN at this step (-1: never)
 
 
-# Model defaults live in uoe.GPTConfig (one source of truth); this is the place for the few that
-# the default run deliberately changes.
-MODEL_DEFAULTS = {}
-# --help text for model options that uoe.py leaves without a comment, and train.py's notes on some.
-MODEL_HELP = {"block_size": "context length in tokens", "n_layer": "transformer blocks", "n_head": "attention heads",
-              "n_embd": "d: model width", "dropout": "dropout probability (0 for short runs)",
-              "vocab_size": "train.py takes it from the dataset's meta.json unless set (larger only)"}
+# Model defaults and their --help text live in uoe.GPTConfig (one source of truth); train.py only
+# adds how it treats vocab_size.
+MODEL_HELP = {"vocab_size": "train.py takes it from the dataset's meta.json unless set (larger only)"}
 # Options that describe this invocation, not the run: on resume they are not taken from the checkpoint.
 PER_INVOCATION = {"data_dir", "out_dir", "init_from", "overwrite", "plot", "device", "dtype", "compile",
                   "debug_nan_step"}
@@ -116,7 +112,7 @@ def option_table():
     for cls in (TrainConfig, GPTConfig):
         comments = field_comments(cls) | (MODEL_HELP if cls is GPTConfig else {})
         for f in fields(cls):
-            default = MODEL_DEFAULTS.get(f.name, f.default) if cls is GPTConfig else f.default
+            default = f.default
             names = re.findall(r"\b(int|float|str|bool|None)\b", str(f.type)) + \
                 (["None"] if "Optional" in str(f.type) else [])
             types = tuple(dict.fromkeys(TYPES[n] for n in names)) or (type(default),)

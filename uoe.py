@@ -24,12 +24,12 @@ FFN_VARIANTS = ("dense", "moe", "aoe", "uoe")
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256
+    block_size: int = 256         # context length in tokens
     vocab_size: int = 50304       # GPT-2's 50257 padded up to a multiple of 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
+    n_layer: int = 4              # transformer blocks
+    n_head: int = 4               # attention heads
+    n_embd: int = 128             # d: model width
+    dropout: float = 0.0          # dropout probability (0 for short runs)
     bias: bool = False            # biases in Linear/LayerNorm (the FFNs never have biases)
     ffn: str = "uoe"              # "dense" | "moe" | "aoe" | "uoe"
     n_expert: int = 8             # n: experts per layer
