@@ -1,5 +1,30 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 # the tests import the project's top-level modules (uoe, train, ...) from the repo root
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "data"   # CI and sessions have shared/ beside the repo
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tests' models are tiny: extra threads only add overhead, and a lot of it when the
+    cores are shared."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """data_dir with a 40k-character slice of tiny Shakespeare prepared char-level ("tiny") and as
+    GPT-2 BPE from the local BPE files ("tiny_bpe")."""
+    from data.prepare import prepare
+    root = tmp_path_factory.mktemp("data")
+    text = root / "text.txt"
+    text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:40_000])
+    prepare("tiny", input=text, tokenizer="char", out_dir=root / "tiny")
+    prepare("tiny_bpe", input=text, tokenizer="gpt2", out_dir=root / "tiny_bpe", bpe_dir=SHARED / "gpt2")
+    return root

@@ -97,15 +97,6 @@ def estimate_ce(model, batches):
     return float(np.mean(ce))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """tiny models: threads only add overhead, and a lot of it when the cores are shared"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("plot")

@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.prepare import prepare
 from uoe import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--block_size=32", "--batch_size=8",
         "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2",
         "--lr_decay_iters=40"]
@@ -69,15 +67,6 @@ def assert_loadable_and_finite(path):
 
 def sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).exists() else None
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    text = root / "text.txt"
-    text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:20_000])
-    prepare("tiny", input=text, tokenizer="char", out_dir=root / "tiny")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 
 import train
-from data.prepare import prepare
 from uoe import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
 # a tiny model: every run below takes a few seconds on 2 CPU cores, most of it importing torch
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--block_size=32", "--batch_size=8",
         "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2"]
@@ -37,17 +35,6 @@ def records(out_dir, kind="train"):
 
 def losses(out_dir):
     return {r["step"]: r["loss"] for r in records(out_dir)}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A 40k-character slice of tiny Shakespeare, prepared char-level and as GPT-2 BPE."""
-    root = tmp_path_factory.mktemp("data")
-    text = root / "text.txt"
-    text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:40_000])
-    prepare("tiny", input=text, tokenizer="char", out_dir=root / "tiny")
-    prepare("tiny_bpe", input=text, tokenizer="gpt2", out_dir=root / "tiny_bpe", bpe_dir=SHARED / "gpt2")
-    return root
 
 
 def test_char_run_lowers_the_loss_and_logs_the_schema(data, tmp_path):
