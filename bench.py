@@ -41,7 +41,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import uoe
 from uoe import FFN_VARIANTS, GPT, GPTConfig, flops_breakdown, flops_per_token, match_config, param_counts

@@ -20,7 +20,6 @@ torchrun itself then exits 1 with its own traceback.
 import ast
 import dataclasses
 import difflib
-import importlib.util
 import inspect
 import json
 import math
@@ -634,8 +633,7 @@ def main(argv):
 
     if master:
         metrics.close()
-        # ---- plot hook: figures from out_dir/metrics.jsonl (plot.py, written separately) ----
-        if train.plot and importlib.util.find_spec("plot"):
+        if train.plot:   # the run's figures into out_dir (plot.py; imported here: matplotlib is slow to load)
             try:
                 import plot
                 plot.plot_run(str(out_dir))

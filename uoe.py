@@ -13,7 +13,7 @@ D = expert_hidden, R = n_routing (N_s in the paper).
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn

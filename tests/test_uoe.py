@@ -214,7 +214,7 @@ def test_moe_with_all_experts_is_gate_weighted_sum():
 
 
 def test_aux_loss_is_one_for_perfectly_uniform_routing():
-    E, K = 4, 2
+    E = 4
     topk_idx = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]])   # every expert chosen twice
     scores = torch.zeros(4, E)                                   # uniform softmax
     assert uoe.load_balance_loss(scores, topk_idx).item() == pytest.approx(1.0)
