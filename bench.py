@@ -48,7 +48,7 @@ from uoe import FFN_VARIANTS, GPT, GPTConfig, flops_breakdown, flops_per_token, 
 REPO = Path(__file__).resolve().parent
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by GPU name, for MFU; --peak_tflops overrides.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
                  "A10G": 70e12, "4090": 165e12, "3090": 71e12}
 
 # Defaults per preset and command; a flag given on the command line wins. CPU runs use one thread
@@ -173,6 +173,11 @@ def parse_args(argv):
         raise UserError("--dtype bfloat16 (autocast) is for CUDA here; use --dtype float32 on CPU")
     if args.json is None:
         args.json = str(Path(args.out_dir) / f"bench_{args.command}.json")
+    try:   # fail now, not after minutes of benchmarking
+        for folder in {Path(args.out_dir), Path(args.json).parent}:
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {e.filename} ({e.strerror}); choose another --out_dir / --json") from None
     return args
 
 
@@ -262,7 +267,7 @@ def make_optimizer(model, lr=1e-3, weight_decay=0.1):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=bool(params) and params[0].is_cuda)
 
 
 def train_step(model, opt, x, y, ctx, grad_clip=1.0):
@@ -384,10 +389,15 @@ def ctx_backward(ctx, f):
 def memory_in_subprocess(config, args):
     """Peak RSS (MB) of a fresh process doing two eager training steps, minus its RSS after import."""
     spec = dict(config=asdict(config), batch_size=args.batch_size, threads=torch.get_num_threads(), seed=args.seed)
-    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "_memory", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=900)
+    try:
+        r = subprocess.run([sys.executable, str(REPO / "bench.py"), "_memory", json.dumps(spec)],
+                           capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        print(f"warning: memory probe timed out for {config.ffn}", file=sys.stderr)
+        return None
     if r.returncode != 0:
-        print(f"warning: memory probe failed for {config.ffn}: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"warning: memory probe failed for {config.ffn}: {last}", file=sys.stderr)
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_delta_mb"]
 
@@ -477,7 +487,8 @@ def bench_speed(args):
             r.recompiles_timed += dynamo_counts()[0] - g0
         matmul_times.append(time_call(lambda: a_mm @ b_mm, dev))
     mm_rate = matmul_rate(n, statistics.median(matmul_times))
-    peak = gpu_peak_flops(device_name, args.peak_tflops) if dev == "cuda" else None
+    # the bf16 peak is the reference only for bf16 runs; for others give --peak_tflops
+    peak = gpu_peak_flops(device_name, args.peak_tflops) if dev == "cuda" and (args.dtype == "bfloat16" or args.peak_tflops) else None
 
     print("  FFN pieces (eager) ...", flush=True)
     pieces = {r.variant: ffn_pieces(r, args, args.reps) for r in runs if r.mode == "eager"}
@@ -619,22 +630,24 @@ def write_json(path, obj):
 def load_dataset(name):
     """(train tokens, val tokens, meta) of data/<name>/, preparing shakespeare_char if missing."""
     import numpy as np
-    from data.prepare import DataError, ensure_dataset
+    from data.prepare import DataError, ensure_dataset, read_meta
     try:
         folder = ensure_dataset(name)
+        meta = read_meta(folder)
+        dtype = np.dtype(meta["dtype"])
+        splits = [torch.from_numpy(np.fromfile(folder / f"{s}.bin", dtype=dtype).astype(np.int64)) for s in ("train", "val")]
     except DataError as e:
         raise UserError(str(e)) from None
-    meta = json.loads((folder / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    splits = [torch.from_numpy(np.fromfile(folder / f"{s}.bin", dtype=dtype).astype(np.int64)) for s in ("train", "val")]
+    except (OSError, KeyError, TypeError) as e:
+        raise UserError(f"data/{name} is damaged ({type(e).__name__}: {e}); delete it and run again to re-prepare it") from None
     return splits[0], splits[1], meta
 
 
 def get_batch(data, batch_size, block_size, gen):
     """batch_size random windows of data (a 1-d long tensor), positions from gen."""
-    if len(data) <= block_size + 1:
+    if len(data) < block_size + 1:
         raise UserError(f"the dataset has only {len(data)} tokens, fewer than block_size+1; use a smaller --block_size")
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
     offsets = torch.arange(block_size + 1)
     w = data[ix[:, None] + offsets]
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()

@@ -225,6 +225,9 @@ def safe_chunks(pieces, chunk_chars):
                 break
         if cut is None and len(buf) < max(4 * chunk_chars, 1 << 20):
             continue  # no space or newline yet; past 4 chunks (1M chars at least) cut anyway to bound memory
+        if cut is None:
+            print("note: no space or newline in 1M+ characters: cut there anyway; GPT-2 ids at that point "
+                  "may differ from encoding the text in one piece", file=sys.stderr)
         cut = cut or len(buf)
         yield buf[:cut]
         buf = buf[cut:]
