@@ -516,12 +516,18 @@ def plot_runs(out_dirs, out_dir, xs=("tokens",), log=False, data_dir=None, val_t
             continue
         state = {}
 
-        def routing_on_val():
+        def routing_on_val():   # once per run for all figures; a failure is remembered too
+            if "error" in state:
+                raise state["error"]
             if not state:
-                path, dtype, meta = find_val(run, data_dir)
-                model = load_model(run)
-                val = np.memmap(path, dtype=dtype, mode="r")
-                state.update(val_routing(model, val, val_tokens), model=model, meta=meta)
+                try:
+                    path, dtype, meta = find_val(run, data_dir)
+                    model = load_model(run)
+                    val = np.memmap(path, dtype=dtype, mode="r")
+                    state.update(val_routing(model, val, val_tokens), model=model, meta=meta)
+                except Exception as e:
+                    state["error"] = e
+                    raise
             return state
 
         if run.variant == "uoe":

@@ -195,12 +195,26 @@ def sample(o):
         if not routing:
             print(decode(y))
         else:
-            pieces, experts = [decode([t]) for t in y], route(model, y, layer)
+            pieces, experts = token_pieces(decode, y), route(model, y, layer)
             print(render(pieces, experts, mode, colours256) if o["show_routing"] else decode(y))
             pages.append(render(pieces, experts, "html"))
         print("---------------")
     if o["routing_html"]:
         write_html(o["routing_html"], f"{o['out_dir']}: routing in layer {layer}", pages, model.config.n_expert)
+
+
+def token_pieces(decode, ids):
+    """The text of each token, joining to exactly decode(ids): a BPE token that ends inside a
+    multi-byte UTF-8 character gets '' and its bytes are shown with the token that completes it."""
+    pieces, start = [], 0
+    for i in range(len(ids)):
+        text = decode(ids[start:i + 1])
+        if text.endswith("\ufffd") and i + 1 < len(ids):
+            pieces.append("")
+            continue
+        pieces.append(text)
+        start = i + 1
+    return pieces
 
 
 def write_html(path, title, pages, n_expert):

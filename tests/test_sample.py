@@ -199,3 +199,17 @@ def test_corrupt_checkpoint_from_the_command_line_no_traceback(tmp_path):
     p = run_sample(f"--out_dir={tmp_path / 'out'}")
     assert p.returncode == 2
     assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_routed_bpe_pieces_join_to_the_decoded_text():
+    """A character split over several GPT-2 tokens is shown once, not as replacement characters."""
+    from data.prepare import find_bpe_dir, gpt2_encoding
+    from sample import token_pieces
+    try:
+        enc = gpt2_encoding(find_bpe_dir())
+    except Exception:
+        pytest.skip("no local GPT-2 BPE files")
+    ids = enc.encode_ordinary("Hello’s “world” 日本")
+    pieces = token_pieces(enc.decode, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == enc.decode(ids)
+    assert "\ufffd" not in "".join(pieces)
