@@ -29,6 +29,8 @@ from matplotlib.colors import LinearSegmentedColormap, to_rgb
 from matplotlib.figure import Figure   # no pyplot: no global state, Agg canvas on savefig
 from matplotlib.ticker import EngFormatter, LogFormatter, PercentFormatter
 
+from data.prepare import DataError, read_meta
+
 REPO = Path(__file__).resolve().parent
 COLORS = {"dense": "#555555", "moe": "#1f77b4", "aoe": "#2ca02c", "uoe": "#d62728"}   # one per variant
 OTHER_COLOR = "#9467bd"
@@ -285,9 +287,10 @@ def find_val(run, data_dir=None):
     for d in filter(None, candidates):
         for folder in (Path(d), Path(d) / (run.dataset or "")):
             if (folder / "val.bin").is_file():
-                meta = run.meta
-                if (folder / "meta.json").is_file():
-                    meta = json.loads((folder / "meta.json").read_text())
+                try:
+                    meta = read_meta(folder)
+                except DataError:          # no or broken meta.json beside val.bin: the run's copy
+                    meta = run.meta
                 return folder / "val.bin", np.dtype(meta.get("dtype", "uint16")), meta
     raise Skip(f"no val.bin for dataset {run.dataset!r} (looked in {', '.join(map(str, filter(None, candidates)))}); "
                "pass --data_dir")

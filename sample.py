@@ -80,16 +80,16 @@ def parse(argv):
 
 def tokenizer(out_dir, ckpt):
     """(encode, decode) of the run's dataset: meta from out_dir/run.json, else data_dir/<dataset>/meta.json."""
-    from data.prepare import DataError, get_tokenizer
+    from data.prepare import DataError, get_tokenizer, read_meta
     try:
         meta = json.loads((Path(out_dir) / "run.json").read_text())["meta"]
     except (OSError, ValueError, KeyError, TypeError):
         tc = ckpt.get("train_config") or {}
-        path = Path(tc.get("data_dir", "data")) / str(tc.get("dataset")) / "meta.json"
+        folder = Path(tc.get("data_dir", "data")) / str(tc.get("dataset"))
         try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise UserError(f"no tokenizer: neither {out_dir}/run.json nor {path} is readable; "
+            meta = read_meta(folder)
+        except DataError:
+            raise UserError(f"no tokenizer: neither {out_dir}/run.json nor {folder}/meta.json is readable; "
                             "run from the folder you trained in, or restore run.json") from None
     try:
         encode, decode = get_tokenizer(meta)
