@@ -20,10 +20,11 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--blo
         "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2",
         "--lr_decay_iters=40"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CPU = ["--device=cpu"]   # first on every command line (a case's own --device wins): CPU even where CUDA exists
 
 
 def start(*args):
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *CPU, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
 
 
@@ -182,7 +183,7 @@ def bad_input_results(data, trained, tmp_path_factory):
     for case_id, _, setup in BAD_INPUTS:
         ws = Workspace(tmp_path_factory.mktemp(case_id), data, trained)
         extra = setup(ws)
-        argv = [*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={ws.out}", "--max_iters=3", *extra]
+        argv = [*CPU, *TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={ws.out}", "--max_iters=3", *extra]
         workspaces[case_id] = (ws, sha(ws.out / "ckpt.pt"))
         cases.append(argv)
     p = subprocess.run([sys.executable, "-c", DRIVER, str(REPO)], input=json.dumps(cases), capture_output=True,
@@ -223,7 +224,7 @@ def test_sigint_and_sigterm_save_a_final_checkpoint_and_exit_cleanly(data, tmp_p
     ckpt = assert_loadable_and_finite(out / "ckpt.pt")
     assert ckpt["step"] == max(train_steps(out)) >= 3
     assert last == (f"stopped by {sig.name} at step {ckpt['step']}; checkpoint saved to {out / 'ckpt.pt'}; "
-                    f"resume with: python train.py --data_dir={data} --out_dir={out} --init_from=resume")
+                    f"resume with: python train.py --data_dir={data} --out_dir={out} --device=cpu --init_from=resume")
 
 
 def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint_and_resume_loses_only_steps_since_it(data, tmp_path):

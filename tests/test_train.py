@@ -18,10 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--block_size=32", "--batch_size=8",
         "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # tiny models: one thread is as fast, and runs can overlap
+# first on every command line, so that a test's own later --device wins: CPU even where CUDA exists (train.py's
+# default is cuda when available), for exact float32 results and a gloo DDP that never asks for cuda:1
+TRAIN = [sys.executable, str(REPO / "train.py"), "--device=cpu"]
 
 
 def run(*args, check=True, cwd=None):
-    p = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], capture_output=True,
+    p = subprocess.run([*TRAIN, *map(str, args)], capture_output=True,
                        text=True, env=ENV, cwd=cwd, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
@@ -90,9 +93,9 @@ RESUMABLE = TINY + ["--lr_decay_iters=40", "--eval_interval=8", "--ckpt_interval
 def test_sigkill_then_resume_continues_and_reproduces_the_uninterrupted_run(data, tmp_path):
     common = [*RESUMABLE, f"--data_dir={data}", "--dataset=tiny"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common, f"--out_dir={killed}",
+    proc = subprocess.Popen([*TRAIN, *common, f"--out_dir={killed}",
                              "--max_iters=1000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    reference = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common, f"--out_dir={tmp_path / 'ref'}",
+    reference = subprocess.Popen([*TRAIN, *common, f"--out_dir={tmp_path / 'ref'}",
                                   "--max_iters=24"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     try:
         wait_for_step(proc, killed, 10)
@@ -116,7 +119,7 @@ def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(dat
     common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--max_iters=6", "--eval_interval=6",
               "--gradient_accumulation_steps=2", "--batch_size=4"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(REPO / "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
+                          *TRAIN[1:], *common, f"--out_dir={tmp_path / 'ddp'}"],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "x 2 processes" in ddp.stdout
