@@ -13,11 +13,10 @@ Token ids are stored as uint16 (uint32 when the vocabulary has more than 65536 e
 val_fraction of the token stream is val.bin, the rest train.bin. meta.json is renamed into place
 last: a folder without meta.json is not a prepared dataset.
 
-GPT-2 BPE comes from local encoder.json + vocab.bpe when a copy is found (--bpe_dir, $UOE_BPE_DIR,
-then ../shared/data/gpt2 beside the repo); it is the same encoding as tiktoken.get_encoding("gpt2"),
-which (it downloads) is used only when no local copy exists.
-tiny Shakespeare comes from --input, $UOE_SHAKESPEARE, ../shared/data/tinyshakespeare.txt or an
-earlier download, else is downloaded; failing that, Python's own pydoc_data text is used instead.
+GPT-2 BPE is built from encoder.json + vocab.bpe in --bpe_dir, $UOE_BPE_DIR or, by default, the
+copy shipped in data/gpt2 (data/README.md): the same encoding as tiktoken.get_encoding("gpt2"),
+with no download. tiny Shakespeare is --input, $UOE_SHAKESPEARE or, by default, the copy shipped
+as data/tinyshakespeare.txt; only a clone that lacks it downloads it.
 """
 import argparse
 import functools
@@ -32,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parent             # data/<name>/ lives here
-SHARED = DATA_DIR.parent.parent / "shared" / "data"    # read-only copies beside the repo
+BUNDLED_BPE = DATA_DIR / "gpt2"                        # GPT-2's encoder.json + vocab.bpe, shipped
+BUNDLED_SHAKESPEARE = DATA_DIR / "tinyshakespeare.txt"  # shipped with the repository
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # known names -> tokenizer
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org"}
@@ -50,7 +50,7 @@ class DataError(Exception):
 
 def find_bpe_dir(bpe_dir=None):
     """Folder with GPT-2's encoder.json + vocab.bpe, or None when there is no local copy."""
-    for d, explicit in ((bpe_dir, True), (os.environ.get("UOE_BPE_DIR"), True), (SHARED / "gpt2", False)):
+    for d, explicit in ((bpe_dir, True), (os.environ.get("UOE_BPE_DIR"), True), (BUNDLED_BPE, False)):
         if not d:
             continue
         if (Path(d) / "encoder.json").is_file() and (Path(d) / "vocab.bpe").is_file():
@@ -160,23 +160,20 @@ def download(url, dest, timeout=10):
 
 
 def shakespeare_files(out_dir):
-    """(files, source label): a local copy, else a download, else Python's pydoc_data text."""
+    """(files, source label) of tiny Shakespeare: $UOE_SHAKESPEARE, the shipped copy, an earlier
+    download, else a download. A dataset is what its name says: no stand-in text."""
     if os.environ.get("UOE_SHAKESPEARE"):
         return text_files(os.environ["UOE_SHAKESPEARE"]), str(Path(os.environ["UOE_SHAKESPEARE"]).resolve())
-    for p in (SHARED / "tinyshakespeare.txt", out_dir / "input.txt"):  # shared copy, earlier download
+    for p in (BUNDLED_SHAKESPEARE, out_dir / "input.txt"):
         if p.is_file():
             return [p], str(p.resolve())
     try:
         download(SHAKESPEARE_URL, out_dir / "input.txt")
-        return [out_dir / "input.txt"], SHAKESPEARE_URL
-    except Exception:  # offline, timeout, HTTP error: any of them means "no Shakespeare here"
-        pass
-    print("note: tinyshakespeare not found locally and download failed; "
-          "using Python's pydoc_data reference text instead", file=sys.stderr)
-    import pydoc_data.topics
-    path = out_dir / "pydoc_topics.txt"
-    path.write_text("\n\n".join(pydoc_data.topics.topics.values()), encoding="utf-8")
-    return [path], f"pydoc_data.topics (Python {sys.version.split()[0]})"
+    except Exception as e:  # offline, timeout, HTTP error: any of them means "no Shakespeare here"
+        raise DataError(f"tiny Shakespeare is missing ({BUNDLED_SHAKESPEARE} is not in this copy of the repository) "
+                        f"and its download failed ({type(e).__name__}); restore the file (git checkout -- data) "
+                        "or point UOE_SHAKESPEARE at a copy") from None
+    return [out_dir / "input.txt"], SHAKESPEARE_URL
 
 
 def sha256_of(files):

@@ -7,7 +7,6 @@ import torch
 # the tests import the project's top-level modules (uoe, train, ...) from the repo root
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" / "data"   # CI and sessions have shared/ beside the repo
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,12 +18,12 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
-    """data_dir with a 40k-character slice of tiny Shakespeare prepared char-level ("tiny") and as
-    GPT-2 BPE from the local BPE files ("tiny_bpe")."""
-    from data.prepare import prepare
+    """data_dir with a 40k-character slice of the repository's tiny Shakespeare prepared char-level
+    ("tiny") and as GPT-2 BPE from the repository's BPE files ("tiny_bpe")."""
+    from data.prepare import BUNDLED_BPE, BUNDLED_SHAKESPEARE, prepare
     root = tmp_path_factory.mktemp("data")
     text = root / "text.txt"
-    text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:40_000])
+    text.write_text(BUNDLED_SHAKESPEARE.read_text()[:40_000])
     prepare("tiny", input=text, tokenizer="char", out_dir=root / "tiny")
-    prepare("tiny_bpe", input=text, tokenizer="gpt2", out_dir=root / "tiny_bpe", bpe_dir=SHARED / "gpt2")
+    prepare("tiny_bpe", input=text, tokenizer="gpt2", out_dir=root / "tiny_bpe", bpe_dir=BUNDLED_BPE)
     return root

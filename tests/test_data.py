@@ -12,18 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data.prepare as prep  # noqa: E402
 
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-needs_bpe = pytest.mark.skipif(prep.find_bpe_dir() is None, reason="no local GPT-2 BPE files")
 # whitespace runs, \r\n, contractions, digits, non-ASCII: the cases where a careless chunk cut changes BPE ids
 TRICKY = "a  \n\n\n  b\t\r\nit's 12345 x  \n \u00a0y\u3000z 中文。\n\n  \n'll  done   "
 
 
 def corpus():
-    """First 20 kB of tiny Shakespeare (Python's pydoc text if the shared copy is absent)."""
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
-    import pydoc_data.topics
-    return "\n\n".join(pydoc_data.topics.topics.values())[:20_000]
+    """First 20 kB of the tiny Shakespeare that ships with the repository."""
+    return prep.BUNDLED_SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
 
 
 def write(path, text):
@@ -69,7 +64,6 @@ def test_char_encode_refuses_unknown_characters(tmp_path):
         encode("abz")
 
 
-@needs_bpe
 def test_gpt2_from_local_files_offline(tmp_path, monkeypatch):
     import tiktoken
 
@@ -101,7 +95,7 @@ def test_gpt2_without_local_files_or_network_is_a_clear_error(tmp_path, monkeypa
     def offline(name):
         raise ConnectionError("network blocked in tests")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    monkeypatch.setattr(prep, "SHARED", tmp_path / "no_shared")
+    monkeypatch.setattr(prep, "BUNDLED_BPE", tmp_path / "no_bpe")
     monkeypatch.delenv("UOE_BPE_DIR", raising=False)
     prep.gpt2_encoding.cache_clear()
     with pytest.raises(prep.DataError, match="could not download"):
@@ -125,7 +119,6 @@ def test_folder_input_is_recursive_sorted_and_text_only(tmp_path):
     assert meta["source_files"] == 3
 
 
-@needs_bpe
 @pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
 def test_streaming_in_tiny_chunks_equals_single_shot(tmp_path, tokenizer):
     text = corpus()[:5000] + TRICKY * 30
@@ -146,7 +139,6 @@ def test_safe_chunks_keep_the_text_and_cut_before_whitespace():
     assert all(c[-1] not in " \n" or c is chunks[-1] for c in chunks)
 
 
-@needs_bpe
 def test_multiprocess_output_is_identical_to_single_process(tmp_path):
     src = write(tmp_path / "in.txt", corpus() * 3 + TRICKY)
     one = prep.prepare("a", input=src, tokenizer="gpt2", out_dir=tmp_path / "one", chunk_chars=2000, workers=1)
@@ -166,24 +158,40 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     assert prep.get_tokenizer(meta)[1](np.concatenate([train, val])) == text
 
 
-def test_shakespeare_falls_back_to_pydoc_text_when_offline(tmp_path, monkeypatch, capsys):
+def test_shipped_files_are_the_published_ones():
+    """data/README.md's sha256: the tiny Shakespeare of char-rnn and the GPT-2 BPE files tiktoken checks."""
+    import hashlib
+    expected = {prep.BUNDLED_SHAKESPEARE: "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+                prep.BUNDLED_BPE / "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                prep.BUNDLED_BPE / "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+    for path, digest in expected.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, path
+        assert digest[:8] in (prep.DATA_DIR / "README.md").read_text()
+
+
+def test_shakespeare_comes_from_the_shipped_copy_without_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "download", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.delenv("UOE_SHAKESPEARE", raising=False)
+    meta, train, val = load(prep.prepare("shakespeare_char", out_dir=tmp_path / "sc"))
+    assert meta["source"] == str(prep.BUNDLED_SHAKESPEARE) and meta["vocab_size"] == 65
+    assert meta["train_tokens"] + meta["val_tokens"] == 1_115_394
+
+
+def test_missing_shakespeare_offline_is_a_clear_error_not_another_text(tmp_path, monkeypatch):
     def no_network(url, dest, timeout=10):
         raise OSError("network blocked in tests")
-    monkeypatch.setattr(prep, "SHARED", tmp_path / "no_shared")
+    monkeypatch.setattr(prep, "BUNDLED_SHAKESPEARE", tmp_path / "gone.txt")
     monkeypatch.setattr(prep, "download", no_network)
     monkeypatch.delenv("UOE_SHAKESPEARE", raising=False)
-    out = prep.prepare("shakespeare_char", out_dir=tmp_path / "sc")
-    meta, train, val = load(out)
-    assert meta["source"].startswith("pydoc_data.topics")
-    assert capsys.readouterr().err.count("note:") == 1
-    import pydoc_data.topics
-    assert prep.get_tokenizer(meta)[1](np.concatenate([train, val])) == "\n\n".join(pydoc_data.topics.topics.values())
+    with pytest.raises(prep.DataError, match="tiny Shakespeare is missing"):
+        prep.prepare("shakespeare_char", out_dir=tmp_path / "sc")
+    assert not (tmp_path / "sc" / "meta.json").exists()
 
 
 def test_shakespeare_is_downloaded_when_no_local_copy(tmp_path, monkeypatch):
     def fake_download(url, dest, timeout=10):
         dest.write_text("To be, or not to be\n" * 50)
-    monkeypatch.setattr(prep, "SHARED", tmp_path / "no_shared")
+    monkeypatch.setattr(prep, "BUNDLED_SHAKESPEARE", tmp_path / "gone.txt")
     monkeypatch.setattr(prep, "download", fake_download)
     monkeypatch.delenv("UOE_SHAKESPEARE", raising=False)
     meta, _, _ = load(prep.prepare("shakespeare_char", out_dir=tmp_path / "sc"))
