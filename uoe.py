@@ -20,6 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FFN_VARIANTS = ("dense", "moe", "aoe", "uoe")
+EXPERT_PATHS = ("auto", "loop", "grouped")
+# one GEMM for many experts over tokens sorted by expert (torch >= 2.8; public name from 2.10 on)
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class GPTConfig:
     route_norm: int | str = 2     # aoe/uoe: 2 | 1 | "inf"
     aux_loss_coef: float = 0.01   # load-balancing loss weight, 0 disables (§4)
     z_loss_coef: float = 0.0      # moe: router z-loss weight, 0 disables
+    expert_path: str = "auto"     # "auto" | "loop" | "grouped": how routed experts run (resolve_expert_path)
 
     def __post_init__(self):
         if self.d_low is None:
@@ -81,6 +85,11 @@ class GPTConfig:
         for f in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, f) < 0:
                 bad(f, "it must be >= 0")
+        if self.expert_path not in EXPERT_PATHS:
+            bad("expert_path", "it must be 'auto', 'loop' or 'grouped'")
+        if self.expert_path == "grouped" and GROUPED_MM is None:
+            bad("expert_path", f"'grouped' needs torch's grouped_mm, which torch {torch.__version__} lacks "
+                               "(use 'auto' or 'loop', or torch >= 2.8)")
 
 
 # -----------------------------------------------------------------------------
@@ -106,9 +115,9 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def swiglu(x, w_gate, w_up, w_down):
-    """FFN(x) = (SiLU(x W_g) * (x W_p)) W_o  (§1)."""
-    return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+def swiglu(x, w_gate, w_up, w_down, mm=torch.matmul):
+    """FFN(x) = (SiLU(x W_g) * (x W_p)) W_o  (§1); mm is the matmul (dispatch passes a grouped one)."""
+    return mm(F.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
 # -----------------------------------------------------------------------------
@@ -140,8 +149,16 @@ def load_balance_loss(scores, topk_idx):
 
 
 def upcast(t):
-    """Routing math in at least float32: under bf16 autocast, near-ties would flip top-k."""
+    """t in at least float32 (float16/bfloat16 -> float32; float32/float64 unchanged)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def routing_matmul(x, w):
+    """x @ w for routing scores, in at least float32 even under autocast (which would run it in
+    bfloat16 and round the result: near-ties would then flip the top-k). Upcasting the product
+    afterwards is too late. On CUDA with TF32 allowed (train.py allows it) "float32" means TF32."""
+    with torch.autocast(x.device.type, enabled=False):
+        return upcast(x) @ upcast(w)
 
 
 def route_norm(h, p):
@@ -149,19 +166,74 @@ def route_norm(h, p):
     return torch.linalg.vector_norm(h, ord=math.inf if p == "inf" else p, dim=-1)
 
 
-# Under torch.compile the dispatch runs eagerly (one graph break per layer, as its .tolist() would
-# cause anyway): its block sizes are data, and dynamo, which specialises sizes 0 and 1, would
-# recompile whenever a new set of experts gets 0 or 1 tokens, and fall back to eager after 8.
-@torch.compiler.disable
-def dispatch(x, topk_idx, gates, expert_fn, weights, extra=None):
+# -----------------------------------------------------------------------------
+# The expert dispatch, shared by moe, aoe and uoe. One entry point, `dispatch`, and two ways to
+# run it: `dispatch_loop`, the readable reference (one matmul chain per expert, Mixtral-style),
+# and `dispatch_grouped`, the same maths with one grouped GEMM per matmul for all experts at
+# once. `GPTConfig.expert_path` chooses; `resolve_expert_path` says which one runs.
+
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's where autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def expert_widths(config):
+    """The widths of the matrices the grouped GEMMs read row by row; each row must start on a
+    16-byte boundary (a multiple of 8 bfloat16 or 4 float32 values)."""
+    widths = {"n_embd": config.n_embd, "expert_hidden": config.expert_hidden}
+    if config.ffn == "aoe":
+        widths["d_low"] = config.d_low
+    if config.ffn == "uoe":
+        widths["expert_hidden - n_routing"] = config.expert_hidden - config.n_routing
+        widths["n_routing"] = config.n_routing   # reused by "twice" and without VSE; checked always
+    return widths
+
+
+def resolve_expert_path(config, device, dtype):
+    """"loop" or "grouped": the expert path a routed layer of `config` takes on `device` when its
+    matmuls run in `dtype`. "auto" is "grouped" where torch's grouped GEMM is built to be fast:
+    CUDA compute capability 9.x/10.x (H100/H200, B200), bfloat16, 16-byte aligned widths; else
+    "loop". An explicit "grouped" with misaligned widths raises ValueError naming the field."""
+    device = torch.device(device)
+    if config.expert_path == "loop" or config.ffn == "dense":   # dense: no routed layer to group
+        return "loop"
+    align = 16 // dtype.itemsize
+    misaligned = {k: v for k, v in expert_widths(config).items() if v % align}
+    if config.expert_path == "grouped":
+        if misaligned:
+            raise ValueError(f"GPTConfig.expert_path='grouped' needs widths that are multiples of {align} "
+                             f"for {dtype} (16 bytes); these are not: {misaligned}. Use 'auto' or 'loop'")
+        return "grouped"
+    fast_gpu = device.type == "cuda" and torch.cuda.get_device_properties(device).major in (9, 10)
+    if GROUPED_MM is not None and fast_gpu and dtype == torch.bfloat16 and not misaligned:
+        return "grouped"
+    return "loop"
+
+
+def dispatch(x, topk_idx, gates, expert_fn, weights, extra=None, path="loop"):
     """Run every token through its K chosen experts: dropless, no capacity, no loop over tokens.
 
     The (token, expert) assignments are sorted by expert so that each expert sees one contiguous
-    block of its tokens; expert_fn(x_e, weights_e, extra_e) computes expert e on that block with
-    its own slices of `weights`, a tuple of expert-stacked (E, ...) tensors; the outputs are
-    scaled by their gates and summed back per token with index_add_ (Mixtral-style, §2).
-    x: (N, C); topk_idx, gates: (N, K); extra: optional (N, E, X) per-(token, expert) inputs that
-    scoring already computed (AoE's C_i, UoE's routing activations): reused, not recomputed.
+    block of its tokens; expert_fn(x, w, extra, mm) computes an expert on its block, with `mm` as
+    its matmul; the outputs are scaled by their gates and summed back per token with index_add_
+    (Mixtral-style, §2).
+    x: (N, C); topk_idx, gates: (N, K); weights: a tuple of expert-stacked (E, ...) tensors;
+    extra: optional (N, E, X) per-(token, expert) inputs that scoring already computed (AoE's
+    C_i, UoE's routing activations): reused, not recomputed. path: "loop" or "grouped"
+    (resolve_expert_path); both give the same result up to rounding.
+    """
+    run = dispatch_grouped if path == "grouped" else dispatch_loop
+    return run(x, topk_idx, gates, expert_fn, weights, extra)
+
+
+# Under torch.compile the loop runs eagerly (one graph break per layer, as its .tolist() would
+# cause anyway): its block sizes are data, and dynamo, which specialises sizes 0 and 1, would
+# recompile whenever a new set of experts gets 0 or 1 tokens, and fall back to eager after 8.
+@torch.compiler.disable
+def dispatch_loop(x, topk_idx, gates, expert_fn, weights, extra=None):
+    """The reference: one expert at a time, each on its own weights w = (w[e] for w in weights).
 
     Speed: the per-expert blocks come from one split() of the sorted tokens and one unbind() of
     each stacked weight, whose backward is one cat / stack. Taking them one at a time
@@ -179,7 +251,33 @@ def dispatch(x, topk_idx, gates, expert_fn, weights, extra=None):
     x_e = x[token].split(counts)                                 # E blocks (n_e, C); n_e may be 0
     extra_e = [None] * E if extra is None else extra[token, flat_expert[order]].split(counts)  # (n_e, X)
     weights_e = list(zip(*(w.unbind(0) for w in weights)))       # E tuples: one expert's weights
-    y_sorted = torch.cat([expert_fn(x_e[e], weights_e[e], extra_e[e]) for e in range(E)])  # (N*K, C)
+    y_sorted = torch.cat([expert_fn(x_e[e], weights_e[e], extra_e[e], torch.matmul) for e in range(E)])  # (N*K, C)
+    y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
+    return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
+
+
+def dispatch_grouped(x, topk_idx, gates, expert_fn, weights, extra=None):
+    """The fast path: the same sort by expert, then expert_fn runs ONCE on all N*K sorted rows
+    with the whole stacked weights, each of its matmuls one grouped GEMM: rows offs[e-1]:offs[e]
+    times expert e's matrix. Every shape is static (N*K rows, whatever the load); only the
+    offsets, computed on the device, vary: no host sync, and under torch.compile one graph with
+    no recompiles. Grouped GEMMs have no autocast rule, so inputs are cast to the compute dtype
+    here; their rows must be 16-byte aligned (resolve_expert_path checks the widths)."""
+    N, K = topk_idx.shape
+    E = weights[0].shape[0]
+    dtype = compute_dtype(x)
+    sorted_expert, order = topk_idx.flatten().sort(stable=True)  # (N*K,) assignments grouped by expert
+    token = order // K                                           # (N*K,) token of each assignment
+    experts = torch.arange(E, device=x.device, dtype=sorted_expert.dtype)
+    offs = torch.searchsorted(sorted_expert, experts, right=True, out_int32=True)  # (E,) end of each block
+
+    def mm(a, w):                                                # (n, X) @ (E, X, Y) -> (n, Y)
+        return GROUPED_MM(a, w, offs=offs)
+
+    x_sorted = x[token].to(dtype)                                # (N*K, C)
+    extra_sorted = None if extra is None else extra[token, sorted_expert].to(dtype)  # (N*K, X)
+    weights = tuple(w.to(dtype).contiguous() for w in weights)   # (E, X, Y) each, 16-byte aligned rows
+    y_sorted = expert_fn(x_sorted, weights, extra_sorted, mm)    # (N*K, C)
     y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
     return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
 
@@ -191,7 +289,7 @@ class MoEFFN(nn.Module):
     def __init__(self, config):
         super().__init__()
         C, E, D, S = config.n_embd, config.n_expert, config.expert_hidden, config.n_shared
-        self.top_k = config.top_k
+        self.config, self.top_k = config, config.top_k
         self.router = nn.Parameter(torch.empty(C, E))
         self.w_gate = nn.Parameter(torch.empty(E, C, D))
         self.w_up = nn.Parameter(torch.empty(E, C, D))
@@ -201,16 +299,17 @@ class MoEFFN(nn.Module):
             self.shared_up = nn.Parameter(torch.empty(C, S * D))
             self.shared_down = nn.Parameter(torch.empty(S * D, C))
 
-    def expert(self, x_e, w_e, _):
-        return swiglu(x_e, *w_e)                                   # w_e: this expert's (W_g, W_p, W_o)
+    def expert(self, x, w, _, mm):
+        return swiglu(x, *w, mm=mm)                                # w: (W_g, W_p, W_o), see dispatch
 
     def forward(self, x):
         B, T, C = x.shape
         x = x.reshape(-1, C)                                       # (N, C)
-        logits = upcast(x @ self.router)                        # (N, E) router logits
+        logits = routing_matmul(x, self.router)                    # (N, E) router logits, >= float32
         top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, K)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
-        y = dispatch(x, topk_idx, gates, self.expert, (self.w_gate, self.w_up, self.w_down))
+        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
+        y = dispatch(x, topk_idx, gates, self.expert, (self.w_gate, self.w_up, self.w_down), path=path)
         if hasattr(self, "shared_gate"):
             y = y + swiglu(x, self.shared_gate, self.shared_up, self.shared_down)
         self.aux_loss = load_balance_loss(logits, topk_idx)
@@ -226,25 +325,27 @@ class AoEFFN(nn.Module):
     def __init__(self, config):
         super().__init__()
         C, E, D, L = config.n_embd, config.n_expert, config.expert_hidden, config.d_low
-        self.top_k, self.p = config.top_k, config.route_norm
+        self.config, self.top_k, self.p = config, config.top_k, config.route_norm
         self.w_gate_a = nn.Parameter(torch.empty(E, C, L))     # A_i: d x d_low
         self.w_gate_b = nn.Parameter(torch.empty(E, L, D))     # B_i: d_low x D
         self.w_up = nn.Parameter(torch.empty(E, C, D))
         self.w_down = nn.Parameter(torch.empty(E, D, C))
 
-    def expert(self, x_e, w_e, c_e):
-        w_gate_b, w_up, w_down = w_e                               # B_i, W_p^i, W_o^i
-        return (F.silu(c_e @ w_gate_b) * (x_e @ w_up)) @ w_down
+    def expert(self, x, w, c, mm):
+        w_gate_b, w_up, w_down = w                                 # B_i, W_p^i, W_o^i
+        return mm(F.silu(mm(c, w_gate_b)) * mm(x, w_up), w_down)
 
     def forward(self, x):
         B, T, C = x.shape
         E, L = self.w_gate_a.shape[0], self.w_gate_a.shape[2]
         x = x.reshape(-1, C)                                       # (N, C)
-        c = (x @ self.w_gate_a.transpose(0, 1).reshape(C, E * L)).view(-1, E, L)  # (N, E, L)
-        scores = route_norm(upcast(c), self.p)                     # (N, E)
+        c = routing_matmul(x, self.w_gate_a.transpose(0, 1).reshape(C, E * L)).view(-1, E, L)  # (N, E, L)
+        scores = route_norm(c, self.p)                             # (N, E), >= float32
         top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
         gates = F.softmax(top_s, dim=-1)
-        y = dispatch(x, topk_idx, gates, self.expert, (self.w_gate_b, self.w_up, self.w_down), extra=c)
+        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
+        y = dispatch(x, topk_idx, gates, self.expert, (self.w_gate_b, self.w_up, self.w_down),
+                     extra=c.to(x.dtype), path=path)                # the chosen experts reuse C_i
         self.aux_loss = load_balance_loss(scores, topk_idx)
         self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
         return y.view(B, T, C)
@@ -259,7 +360,7 @@ class UoEFFN(nn.Module):
     def __init__(self, config):
         super().__init__()
         C, E, D = config.n_embd, config.n_expert, config.expert_hidden
-        self.top_k, self.R, self.p = config.top_k, config.n_routing, config.route_norm
+        self.config, self.top_k, self.R, self.p = config, config.top_k, config.n_routing, config.route_norm
         self.vse, self.route_score = config.vse, config.route_score
         # the chosen experts output g_i (R_i + Q_i) instead of g_i Q_i ("twice", or no VSE)
         self.routed_includes_R = config.uoe_output == "twice" or not config.vse
@@ -274,44 +375,50 @@ class UoEFFN(nn.Module):
         E, C, _ = w.shape
         return w[:, :, :self.R].transpose(0, 1).reshape(C, E * self.R)
 
-    def expert(self, x_e, w_e, h_e):
+    def expert(self, x, w, h, mm):
         """Q_i(x) of one expert (its units R..D-1); with routed_includes_R plus R_i(x), from the
-        routing hidden h_e computed during scoring (a_i*xW_p if available, else a_i: finish it)."""
-        w_gate_q, w_up_q, w_down_q, w_up_r, w_down_r = w_e         # see expert_weights
-        y = swiglu(x_e, w_gate_q, w_up_q, w_down_q)                # Q_i(x), (n, C)
+        routing hidden h computed during scoring (a_i*xW_p if available, else a_i: finish it)."""
+        y = swiglu(x, *w[:3], mm=mm)                               # Q_i(x), (n, C)
         if self.routed_includes_R:
-            h_r = h_e if self.hidden_for_all else h_e * (x_e @ w_up_r)   # (n, R)
-            y = y + h_r @ w_down_r                                 # + R_i(x)
+            w_up_r, w_down_r = w[3:]                               # see expert_weights
+            h_r = h if self.hidden_for_all else h * mm(x, w_up_r)  # (n, R)
+            y = y + mm(h_r, w_down_r)                              # + R_i(x)
         return y
 
     def expert_weights(self):
         """The weights dispatch hands to expert(), stacked over experts: the units R..D-1 (Q_i),
-        then the routing units' W_p and W_o (R_i, used by "twice" and without VSE). Slicing the
-        stacked tensors once, rather than each expert's, keeps backward at one copy per tensor."""
+        and with routed_includes_R the routing units' W_p and W_o (R_i). Slicing the stacked
+        tensors once, rather than each expert's, keeps backward at one copy per tensor."""
         R = self.R
-        return (self.w_gate[:, :, R:], self.w_up[:, :, R:], self.w_down[:, R:],   # (E, C, D-R), .., (E, D-R, C)
-                self.w_up[:, :, :R], self.w_down[:, :R])                          # (E, C, R), (E, R, C)
+        q = (self.w_gate[:, :, R:], self.w_up[:, :, R:], self.w_down[:, R:])   # (E, C, D-R), .., (E, D-R, C)
+        r = (self.w_up[:, :, :R], self.w_down[:, :R])                          # (E, C, R), (E, R, C)
+        return q + r if self.routed_includes_R else q
 
     def forward(self, x):
         B, T, C = x.shape
         E, R = self.w_gate.shape[0], self.R
         x = x.reshape(-1, C)                                       # (N, C)
-        pre = (x @ self.routing_neurons(self.w_gate)).view(-1, E, R)   # x W_g^i[:, :R], (N, E, R)
-        a = F.silu(pre)                                            # routing activations a_i
-        h = a * (x @ self.routing_neurons(self.w_up)).view(-1, E, R) if self.hidden_for_all else None
+        pre = routing_matmul(x, self.routing_neurons(self.w_gate)).view(-1, E, R)  # x W_g^i[:, :R], (N, E, R)
+        a = F.silu(pre)                                            # routing activations a_i, >= float32
+        h = None
+        if self.hidden_for_all:   # x W_p^i[:, :R] in >= float32 only where the score depends on it
+            up_matmul = routing_matmul if self.route_score == "swiglu" else torch.matmul
+            h = a * up_matmul(x, self.routing_neurons(self.w_up)).view(-1, E, R)   # (N, E, R)
         score_of = {"silu": a, "pre": pre, "swiglu": h}[self.route_score]   # §3 route_score
-        scores = route_norm(upcast(score_of), self.p)              # (N, E) activation intensity
+        scores = route_norm(score_of, self.p)                      # (N, E) activation intensity
         top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
         gates = F.softmax(top_s, dim=-1)
-        extra = (h if self.hidden_for_all else a) if self.routed_includes_R else None
-        routed = dispatch(x, topk_idx, gates, self.expert, self.expert_weights(), extra=extra)   # (N, C)
+        hidden = (h if self.hidden_for_all else a).to(x.dtype)     # what the VSE and "twice" reuse
+        extra = hidden if self.routed_includes_R else None
+        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
+        routed = dispatch(x, topk_idx, gates, self.expert, self.expert_weights(), extra=extra, path=path)  # (N, C)
         self.aux_loss = load_balance_loss(scores, topk_idx)
         self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
         if not self.vse:
             return routed.view(B, T, C)
         # VSE(x) = sum_i R_i(x): an ordinary SwiGLU of width E*R made of the routing neurons
         w_down_r = self.w_down[:, :R, :].reshape(E * R, C)
-        virtual_shared_expert = h.reshape(-1, E * R) @ w_down_r     # (N, C)
+        virtual_shared_expert = hidden.reshape(-1, E * R) @ w_down_r   # (N, C)
         self.last_routing["vse_norm"] = virtual_shared_expert.detach().norm(dim=-1)
         self.last_routing["routed_norm"] = routed.detach().norm(dim=-1)
         return (virtual_shared_expert + routed).view(B, T, C)
