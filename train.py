@@ -40,8 +40,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from uoe import GPT, CheckpointError, GPTConfig, flops_per_token, load_checkpoint, param_counts, save_checkpoint
 
-PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100/H200 SXM GPU, for MFU on CUDA only
 EVAL_SEED = 0        # the fixed eval batches depend on this, not on --seed: every run sees the same ones
+# Dense bf16 tensor-core peak (FLOP/s, no sparsity) per GPU, for MFU (train.py and bench.py). Matched as a
+# substring of torch.cuda.get_device_name() in this order: "H100 PCIe" before "H100", "L40S" before "L40".
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                 "L40": 181e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12, "3090": 71e12}
+VOCAB_MULTIPLE = 64  # GPT-2 BPE vocabularies are padded to a multiple of this (50257 -> 50304, as nanoGPT)
 
 
 @dataclass
@@ -83,7 +87,8 @@ class TrainConfig:
 
 # Model defaults and their --help text live in uoe.GPTConfig (one source of truth); train.py only
 # adds how it treats vocab_size.
-MODEL_HELP = {"vocab_size": "train.py takes it from the dataset's meta.json unless set (larger only)"}
+MODEL_HELP = {"vocab_size": "train.py takes it from the dataset's meta.json (GPT-2 BPE padded to a multiple "
+                            "of 64: 50304) unless set (larger only)"}
 # Options that describe this invocation, not the run: on resume they are not taken from the checkpoint.
 PER_INVOCATION = {"data_dir", "out_dir", "init_from", "overwrite", "plot", "device", "dtype", "compile",
                   "debug_nan_step"}
@@ -247,6 +252,30 @@ def resolve_device(name, local_rank):
     return torch.device("cpu")
 
 
+def on_rank0(work, master, ddp):
+    """work() on rank 0 only, then every rank stops with rank 0's error if it failed. (The other ranks wait
+    here for rank 0: with a bare barrier they would wait for a failed rank 0 until the timeout.) Every rank
+    must call this at the same point, whether or not rank 0 has anything to do."""
+    error = None
+    if master:
+        try:
+            work()
+        except UserError as e:
+            error = str(e)
+    if ddp:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+
+
+def prepare_out_dir(out_dir):
+    check_out_dir(out_dir)
+    for stale in out_dir.glob(".*.tmp"):   # left by a save killed mid-write; ckpt.pt itself is intact
+        stale.unlink(missing_ok=True)
+
+
 def check_out_dir(out_dir):
     """Fail before any work if out_dir cannot be created or written (under a file, read-only, ...)."""
     try:
@@ -289,11 +318,7 @@ def resume_options(ckpt, values, explicit, path):
 def open_dataset(train, master, ddp):
     """(meta, {"train": tokens, "val": tokens}) of data_dir/dataset, prepared first if it is missing."""
     folder = Path(train.data_dir) / train.dataset
-    if not (folder / "meta.json").is_file():
-        if master:
-            prepare_dataset(train.dataset, train.data_dir)
-        if ddp:
-            dist.barrier()
+    on_rank0(lambda: prepare_dataset(train.dataset, train.data_dir), master, ddp)
     redo = f"delete {folder} and run again to re-prepare it (or run data/prepare.py)"
     try:
         meta = json.loads((folder / "meta.json").read_text())
@@ -315,6 +340,9 @@ def open_dataset(train, master, ddp):
 
 
 def prepare_dataset(name, data_dir):
+    """data_dir/name prepared by data/prepare.py, unless it has a meta.json already."""
+    if (Path(data_dir) / name / "meta.json").is_file():
+        return
     from data.prepare import DataError, ensure_dataset   # only needed when the data is missing
     print(f"preparing dataset {name!r} in {data_dir} ...", flush=True)
     try:
@@ -324,7 +352,8 @@ def prepare_dataset(name, data_dir):
 
 
 def fit_vocab(cfg, meta, explicit, ckpt, folder):
-    """The model's vocab_size comes from meta.json unless set (larger, e.g. padded to 50304)."""
+    """The model's vocab_size: --vocab_size if set (not smaller than the data's), else meta.json's,
+    padded for GPT-2 BPE (see padded_vocab); on resume the checkpoint's."""
     n = meta["vocab_size"]
     if ckpt is not None:
         trained_on = ckpt["data"].get("meta_vocab_size", ckpt["config"]["vocab_size"])
@@ -336,7 +365,15 @@ def fit_vocab(cfg, meta, explicit, ckpt, folder):
         if cfg.vocab_size < n:
             raise UserError(f"--vocab_size={cfg.vocab_size} is smaller than the dataset's {n} tokens; drop it")
         return cfg
-    return dataclasses.replace(cfg, vocab_size=n)
+    return dataclasses.replace(cfg, vocab_size=padded_vocab(n, meta.get("tokenizer")))
+
+
+def padded_vocab(n, tokenizer):
+    """GPT-2 BPE's 50257 tokens padded to 50304: the lm_head matmul is the largest in a small model and
+    runs faster at a multiple of 64 (the extra ids never occur in the data; sample.py never emits them).
+    Character-level vocabularies stay as they are: their models are tiny, and the README's losses stay
+    comparable."""
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE if tokenizer == "gpt2" else n
 
 
 # -----------------------------------------------------------------------------
@@ -388,6 +425,21 @@ def make_optimizer(model, train, device):
                              fused=device.type == "cuda")
 
 
+def mfu_peak(device_name, dtype, override_tflops=None) -> tuple[float | None, str]:
+    """(peak FLOP/s for MFU or None, a short label saying which peak or why there is none). device_name:
+    torch.cuda.get_device_name(); dtype: torch.bfloat16 or 'bfloat16', ... The table holds bf16 tensor-core
+    peaks, so only bfloat16 runs get one. override_tflops: a peak the user gives (TFLOP/s), any GPU and dtype."""
+    if override_tflops:
+        return override_tflops * 1e12, f"given peak {override_tflops:g} TFLOP/s"
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype != "bfloat16":
+        return None, f"no MFU: the peak table is bf16 only and this run is {dtype}"
+    gpu = next((name for name in GPU_PEAK_BF16 if name.lower() in device_name.lower()), None)
+    if gpu is None:
+        return None, f"no MFU: no bf16 peak known for {device_name}"
+    return GPU_PEAK_BF16[gpu], f"{gpu} bf16 dense {GPU_PEAK_BF16[gpu] / 1e12:.0f} TFLOP/s"
+
+
 def write_atomic(path, text):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -431,6 +483,16 @@ def request_stop(signum, frame):
           "(send it again to quit at once)", file=sys.stderr, flush=True)
 
 
+def banner(cfg, train, step, tokens_per_step, system, peak, peak_label):
+    """The run's first line: model, size, device and precision, the MFU reference (CUDA), fresh or resumed."""
+    total, active = param_counts(cfg)
+    experts = f"{cfg.n_expert} experts top-{cfg.top_k}" if cfg.ffn != "dense" else f"FFN width {cfg.expert_hidden}"
+    mfu = f"; MFU against {peak_label}" if peak else f"; {peak_label}" if peak_label else ""
+    return (f"model {cfg.ffn}: {cfg.n_layer} layers x {cfg.n_embd} wide, {experts}; {total / 1e6:.2f}M params, "
+            f"{active / 1e6:.2f}M active per token; {tokens_per_step} tokens/step; {system}{mfu}; "
+            f"{f'resuming at step {step}' if train.init_from == 'resume' else 'from scratch'}")
+
+
 # -----------------------------------------------------------------------------
 
 def check_run(values, explicit, world, master, ddp):
@@ -438,10 +500,7 @@ def check_run(values, explicit, world, master, ddp):
     training. Returns (train, cfg, ckpt or None, meta, splits, values with the checkpoint's settings)."""
     out_dir = Path(values["out_dir"])
     ckpt_path = out_dir / "ckpt.pt"
-    if master:
-        check_out_dir(out_dir)
-        for stale in out_dir.glob(".*.tmp"):   # left by a save killed mid-write; ckpt.pt itself is intact
-            stale.unlink(missing_ok=True)
+    on_rank0(lambda: prepare_out_dir(out_dir), master, ddp)
     ckpt = None
     if values["init_from"] == "resume":
         ckpt = read_resume_checkpoint(ckpt_path)
@@ -471,7 +530,7 @@ def build(cfg, train, ckpt, device, rank):
         return model, optimizer, batch_rng, (0, 0, math.inf)
     try:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"the checkpoint does not fit this model ({str(e).splitlines()[0]}); "
                         "resume with the uoe.py that wrote it, or start a new run") from None
@@ -481,6 +540,15 @@ def build(cfg, train, ckpt, device, rank):
         if device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return model, optimizer, batch_rng, (ckpt["step"], ckpt["data"]["tokens"], ckpt["best_val_loss"])
+
+
+def load_optimizer_state(optimizer, state):
+    """The checkpoint's optimizer state (step counts, moments) under this run's settings: load_state_dict
+    would also bring back the saved weight_decay, betas and lr, silently undoing options given on resume."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 def main(argv):
@@ -501,6 +569,8 @@ def main(argv):
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if ddp else compiled
     use_bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and device.type == "cuda")
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    peak, peak_label = mfu_peak(torch.cuda.get_device_name(device), torch.bfloat16 if use_bf16 else torch.float32) \
+        if device.type == "cuda" else (None, "")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -520,14 +590,9 @@ def main(argv):
             truncate_metrics(metrics_path, step)
         elif metrics_path.exists():
             metrics_path.unlink()               # a fresh run (with --overwrite) starts a fresh log
-        total, active = param_counts(cfg)
-        experts = f"{cfg.n_expert} experts top-{cfg.top_k}" if cfg.ffn != "dense" else f"FFN width {cfg.expert_hidden}"
-        print(f"model {cfg.ffn}: {cfg.n_layer} layers x {cfg.n_embd} wide, {experts}; "
-              f"{total / 1e6:.2f}M params, {active / 1e6:.2f}M active per token; {tokens_per_step} tokens/step; "
-              f"{device} {'bfloat16' if use_bf16 else 'float32'}{' compiled' if use_compile else ''}"
-              f"{f' x {world} processes' if ddp else ''}; "
-              f"{f'resuming at step {step}' if train.init_from == 'resume' else 'from scratch'}",
-              flush=True)
+        system = f"{device} {'bfloat16' if use_bf16 else 'float32'}{' compiled' if use_compile else ''}" \
+            f"{f' x {world} processes' if ddp else ''}"
+        print(banner(cfg, train, step, tokens_per_step, system, peak, peak_label), flush=True)
     metrics = open(metrics_path, "a") if master else None
 
     def log(record):
@@ -613,7 +678,7 @@ def main(argv):
         dt = now - t0
         if master and step % train.log_interval == 0:
             tok_per_s = tokens_per_step / dt
-            mfu = 3 * flops_token * tok_per_s / (PEAK_FLOPS * world) if device.type == "cuda" else None
+            mfu = 3 * flops_token * tok_per_s / (peak * world) if peak else None
             log({"kind": "train", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens, "lr": lr,
                  "loss": finite_or_none(loss_v), "ce": finite_or_none(ce_v), "aux": finite_or_none(aux_v),
                  "tok_per_s": tok_per_s, "step_ms": 1000 * dt, "mfu": mfu, "routing": raw_model.routing_summary()})

@@ -1,5 +1,6 @@
 """Tests for train.py: it trains, its options, exact resume after SIGKILL, DDP equals one process."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from uoe import load_checkpoint
@@ -67,7 +69,48 @@ def test_gpt2_bpe_run_lowers_the_loss(data, tmp_path):
         "--eval_interval=10", "--ffn=moe")
     evals = records(out, "eval")
     assert evals[0]["val_loss"] > 10 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 1   # ln(50257) = 10.8
-    assert json.loads((out / "run.json").read_text())["config"]["vocab_size"] == 50257
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["config"]["vocab_size"] == 50304 and run_json["meta"]["vocab_size"] == 50257   # padded
+    assert load_checkpoint(out / "ckpt.pt")["data"]["meta_vocab_size"] == 50257
+
+
+def test_gpt2_vocab_is_padded_to_a_multiple_of_64_unless_set():
+    bpe, char = {"vocab_size": 50257, "tokenizer": "gpt2"}, {"vocab_size": 65, "tokenizer": "char"}
+    cfg = train.GPTConfig(vocab_size=50257)
+    assert train.fit_vocab(cfg, bpe, set(), None, Path("d")).vocab_size == 50304
+    assert train.fit_vocab(cfg, char, set(), None, Path("d")).vocab_size == 65        # char level: as is
+    assert train.fit_vocab(cfg, bpe, {"vocab_size"}, None, Path("d")).vocab_size == 50257   # --vocab_size wins
+    assert train.fit_vocab(dataclasses.replace(cfg, vocab_size=50400), bpe, {"vocab_size"}, None,
+                           Path("d")).vocab_size == 50400
+
+
+def test_mfu_peak_by_gpu_name_for_bfloat16_only():
+    peaks = {"NVIDIA H200": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 80GB HBM3": 989, "NVIDIA A100-SXM4-80GB": 312,
+             "NVIDIA L40S": 362, "NVIDIA L40": 181, "NVIDIA L4": 121, "NVIDIA A10G": 70,
+             "NVIDIA GeForce RTX 4090": 165, "NVIDIA GeForce RTX 3090": 71}
+    for name, tflops in peaks.items():
+        peak, label = train.mfu_peak(name, torch.bfloat16)
+        assert peak == tflops * 1e12 and label.endswith(f"bf16 dense {tflops} TFLOP/s"), (name, label)
+    assert train.mfu_peak("NVIDIA H100 PCIe", "bfloat16")[1] == "H100 PCIe bf16 dense 756 TFLOP/s"
+    assert train.mfu_peak("NVIDIA L40S", "bfloat16")[1].startswith("L40S ")
+    for name, dtype in (("NVIDIA H200", torch.float32), ("NVIDIA H200", "float32"), ("Tesla T4", torch.bfloat16)):
+        peak, label = train.mfu_peak(name, dtype)
+        assert peak is None and label.startswith("no MFU"), label
+    assert train.mfu_peak("Tesla T4", torch.float32, override_tflops=65) == (65e12, "given peak 65 TFLOP/s")
+
+
+def test_options_given_on_resume_reach_the_optimizer(data, tmp_path):
+    out = tmp_path / "out"
+    run(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
+    run(f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--weight_decay=0",
+        "--beta2=0.95")
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in ckpt["optimizer"]["param_groups"]] == \
+        [(0.0, (0.9, 0.95))] * 2
+    saved = json.loads((out / "run.json").read_text())["train"]
+    assert (saved["weight_decay"], saved["beta2"]) == (0.0, 0.95) == \
+        (ckpt["train_config"]["weight_decay"], ckpt["train_config"]["beta2"])
+    assert ckpt["step"] == 4
 
 
 def wait_for_step(proc, out_dir, step, timeout=120):
@@ -129,6 +172,18 @@ def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(dat
     assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
     val = [r["val_loss"] for r in records(tmp_path / "ddp", "eval")]
     assert val == pytest.approx([r["val_loss"] for r in records(tmp_path / "single", "eval")], abs=1e-5)
+
+
+def test_every_rank_stops_with_the_error_when_rank_0_cannot_prepare_the_data(tmp_path):
+    # (torchrun's --monitor-interval=2: it would SIGTERM rank 1 as soon as it notices that rank 0 exited)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--monitor-interval=2", *TRAIN[1:], f"--data_dir={tmp_path}", "--dataset=nope",
+                        f"--out_dir={tmp_path / 'out'}", "--gradient_accumulation_steps=2"],
+                       capture_output=True, text=True, env=ENV, timeout=120)   # (a stuck rank would wait 30 min)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], p.stderr
+    assert "dataset 'nope' is not prepared" in errors[0]
+    assert "[rank1]: Traceback" not in p.stderr and "[rank0]: Traceback" not in p.stderr   # (torchrun's own follows)
 
 
 def test_help_lists_every_training_and_model_option(capsys):
