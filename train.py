@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from uoe import GPT, CheckpointError, GPTConfig, flops_per_token, load_checkpoint, param_counts, save_checkpoint
+from uoe import (GPT, CheckpointError, GPTConfig, flops_per_token, load_checkpoint, param_counts, resolve_expert_path,
+                 save_checkpoint)
 
 EVAL_SEED = 0        # the fixed eval batches depend on this, not on --seed: every run sees the same ones
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) per GPU, for MFU (train.py and bench.py). Matched as a
@@ -483,10 +484,23 @@ def request_stop(signum, frame):
           "(send it again to quit at once)", file=sys.stderr, flush=True)
 
 
-def banner(cfg, train, step, tokens_per_step, system, peak, peak_label):
-    """The run's first line: model, size, device and precision, the MFU reference (CUDA), fresh or resumed."""
+def expert_path(cfg, device, dtype):
+    """How a routed model's experts run here (uoe.resolve_expert_path): 'loop' or 'grouped'; None for dense.
+    Checked up front: an explicit 'grouped' the widths cannot take would otherwise fail in the first forward."""
+    if cfg.ffn == "dense":
+        return None
+    try:
+        return resolve_expert_path(cfg, device, dtype)
+    except ValueError as e:
+        raise UserError(f"invalid model config: {e}") from None
+
+
+def banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label):
+    """The run's first line: model, size, expert path, device and precision, the MFU reference (CUDA), fresh or
+    resumed."""
     total, active = param_counts(cfg)
     experts = f"{cfg.n_expert} experts top-{cfg.top_k}" if cfg.ffn != "dense" else f"FFN width {cfg.expert_hidden}"
+    experts += {"grouped": " (experts: grouped GEMM)", "loop": " (experts: loop)", None: ""}[path]
     mfu = f"; MFU against {peak_label}" if peak else f"; {peak_label}" if peak_label else ""
     return (f"model {cfg.ffn}: {cfg.n_layer} layers x {cfg.n_embd} wide, {experts}; {total / 1e6:.2f}M params, "
             f"{active / 1e6:.2f}M active per token; {tokens_per_step} tokens/step; {system}{mfu}; "
@@ -569,8 +583,9 @@ def main(argv):
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if ddp else compiled
     use_bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and device.type == "cuda")
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    peak, peak_label = mfu_peak(torch.cuda.get_device_name(device), torch.bfloat16 if use_bf16 else torch.float32) \
-        if device.type == "cuda" else (None, "")
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    peak, peak_label = mfu_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else (None, "")
+    path = expert_path(cfg, device, dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -592,7 +607,7 @@ def main(argv):
             metrics_path.unlink()               # a fresh run (with --overwrite) starts a fresh log
         system = f"{device} {'bfloat16' if use_bf16 else 'float32'}{' compiled' if use_compile else ''}" \
             f"{f' x {world} processes' if ddp else ''}"
-        print(banner(cfg, train, step, tokens_per_step, system, peak, peak_label), flush=True)
+        print(banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label), flush=True)
     metrics = open(metrics_path, "a") if master else None
 
     def log(record):

@@ -134,6 +134,7 @@ BAD_INPUTS = [
     ("bin_shorter_than_meta", "train.bin is truncated", lambda ws: ws.data_copy(lambda d: cut(d / "train.bin", 2))),
     ("block_size_longer_than_val", "longer than the val split", lambda ws: ["--block_size=5000"]),
     ("invalid_model_config", "top_k", lambda ws: ["--top_k=99"]),
+    ("grouped_experts_misaligned", "expert_path", lambda ws: ["--expert_path=grouped", "--expert_hidden=60"]),
     ("unknown_option", "did you mean --n_embd", lambda ws: ["--n_embed=64"]),
     ("bad_type", "--max_iters expects int", lambda ws: ["--max_iters=1.5"]),
     ("bad_choice", "--nonfinite must be", lambda ws: ["--nonfinite=ignore"]),

@@ -50,6 +50,7 @@ def test_char_run_lowers_the_loss_and_logs_the_schema(data, tmp_path):
     assert [r["step"] for r in evals] == [0, 15, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5      # from ~ln(vocab) down
     assert f"val loss {evals[-1]['val_loss']:.4f}" in p.stdout.splitlines()[-1]   # the final line says it
+    assert "8 experts top-2 (experts: loop);" in p.stdout.splitlines()[0] and "MFU" not in p.stdout   # the banner
     train_rec = records(out)[-1]
     assert set(train_rec) == {"kind", "step", "tokens", "flops", "lr", "loss", "ce", "aux", "tok_per_s",
                               "step_ms", "mfu", "routing"}
