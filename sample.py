@@ -7,12 +7,12 @@ Sample from a trained model (nanoGPT's sample.py), optionally showing which expe
 Options are --key=value (Python literals; strings may be bare), a boolean also as a bare --flag.
 --start is the prompt text, or FILE:path to read it from a file. The same --seed gives the same text.
 
---show_routing marks every token with the expert that has the highest routing score for it in layer
---routing_layer (default -1: the last), the model's own decision in one forward pass over the sample
-(its last block_size tokens). On a terminal (NO_COLOR unset) the token's background has the expert's
-colour; otherwise each token is written as [e]token, e the expert's index, and tokens before the
-routed window (samples longer than block_size) have no tag. --routing_html=FILE writes the same as
-a self-contained HTML page.
+--show_routing marks every token, prompt included, with the expert that has the highest routing score for
+it in layer --routing_layer (default -1: the last): the model's own decision for the token with the context it
+had when it read the token (up to block_size tokens ending at it: samples longer than block_size are routed in
+sliding windows). On a terminal (NO_COLOR unset) the token's background has the expert's colour; otherwise
+each token is written as [e]token, e the expert's index. --routing_html=FILE writes the same as a
+self-contained HTML page.
 """
 import ast
 import html
@@ -105,11 +105,21 @@ def tokenizer(out_dir, ckpt):
 
 
 @torch.no_grad()
-def route(model, ids, layer):
-    """Expert with the highest score for each of the last block_size tokens of ids, in one forward."""
-    window = ids[-model.config.block_size:]
-    model(torch.tensor([window], device=next(model.parameters()).device))
-    return model.transformer.h[layer].mlp.last_routing["scores"].argmax(-1).tolist()   # (T,)
+def route(model, ids, layer, batch_size=32):
+    """Expert with the highest score in `layer` for every token of ids, each routed as the model read it:
+    as the last of the up to block_size tokens that end at it. Attention is causal, so the first block_size
+    tokens share one forward; each later token is the last position of its own window (batched)."""
+    T = model.config.block_size
+    device = next(model.parameters()).device
+    mlp = model.transformer.h[layer].mlp
+    model(torch.tensor([ids[:T]], device=device))
+    experts = mlp.last_routing["scores"].argmax(-1).tolist()
+    windows = [ids[i + 1 - T:i + 1] for i in range(T, len(ids))]
+    for b in range(0, len(windows), batch_size):
+        batch = torch.tensor(windows[b:b + batch_size], device=device)
+        model(batch)
+        experts += mlp.last_routing["scores"].view(len(batch), T, -1)[:, -1].argmax(-1).tolist()
+    return experts
 
 
 def ansi(text, e, colours256):
@@ -131,13 +141,10 @@ def hex_of(code):
 
 
 def render(pieces, experts, mode, colours256=True):
-    """pieces: token texts; experts: expert of each of the last len(experts) tokens."""
-    tagged = [None] * (len(pieces) - len(experts)) + experts
+    """pieces: token texts; experts: the expert of each token."""
     out = []
-    for text, e in zip(pieces, tagged):
-        if e is None:
-            out.append(html.escape(text) if mode == "html" else text)
-        elif mode == "html":
+    for text, e in zip(pieces, experts, strict=True):
+        if mode == "html":
             out.append(f'<span class="e{e % len(PALETTE)}" title="expert {e}">{html.escape(text)}</span>')
         else:
             out.append(f"[{e}]{text}" if mode == "plain" else ansi(text, e, colours256))

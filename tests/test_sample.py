@@ -68,20 +68,23 @@ def parse_tags(text):
 
 @torch.no_grad()
 def own_routing(out_dir, chars, layer):
-    """The model's top-1 expert (topk_idx[:, 0]) for each of the last block_size chars."""
+    """The model's top-1 expert (topk_idx[:, 0]) for each char, as the model read it: one forward per char
+    of the up to block_size chars that end at it, the char's routing at the last position."""
     model = uoe.model_from_checkpoint(uoe.load_checkpoint(str(out_dir / "ckpt.pt"))).eval()
-    ids = [META["stoi"][c] for c in chars][-model.config.block_size:]
-    model(torch.tensor([ids]))
-    return model.transformer.h[layer].mlp.last_routing["topk_idx"][:, 0].tolist()
+    ids, T = [META["stoi"][c] for c in chars], model.config.block_size
+    experts = []
+    for i in range(len(ids)):
+        model(torch.tensor([ids[max(0, i + 1 - T):i + 1]]))
+        experts.append(model.transformer.h[layer].mlp.last_routing["topk_idx"][-1, 0].item())
+    return experts
 
 
 def check_routing(out_dir, text, layer, prompt):
     items = parse_tags(text)
     chars = [c for _, c in items]
     assert "".join(chars).startswith(prompt)
-    n_untagged = max(0, len(items) - SIZES["block_size"])
-    assert all(e is None for e, _ in items[:n_untagged]) and all(e is not None for e, _ in items[n_untagged:])
-    assert [e for e, _ in items[n_untagged:]] == own_routing(out_dir, chars, layer)
+    assert all(e is not None for e, _ in items)          # every token, the prompt's too, has its tag
+    assert [e for e, _ in items] == own_routing(out_dir, chars, layer)
     return items
 
 
@@ -95,16 +98,16 @@ def test_same_seed_same_text_and_routing_tags_are_the_models_own_decisions(runs,
     assert first.stdout.startswith("routing: expert with the highest score in layer 1 of 2")
     texts = samples(first.stdout)
     assert len(texts) == 2 and texts[0] != texts[1]
-    items = [check_routing(runs["uoe"], t, 1, "the ") for t in texts]   # 44 tokens > block_size: 12 untagged
+    items = [check_routing(runs["uoe"], t, 1, "the ") for t in texts]   # 44 tokens > block_size 32
     # the HTML page shows the same tokens with the same experts
     page = (tmp_path / "r.html").read_text()
     spans = re.findall(r'<span class="e\d+" title="expert (\d+)">(.*?)</span>', page, re.S)
-    assert [(int(e), html.unescape(c)) for e, c in spans] == [x for it in items for x in it if x[0] is not None]
+    assert [(int(e), html.unescape(c)) for e, c in spans] == [x for it in items for x in it]
     assert page.startswith("<!doctype html>") and "<style>" in page
 
 
 def test_routing_layer_option_and_moe_routing(runs):
-    p = run_sample("--out_dir=" + str(runs["moe"]), "--start=a", "--num_samples=1", "--max_new_tokens=20",
+    p = run_sample("--out_dir=" + str(runs["moe"]), "--start=a", "--num_samples=1", "--max_new_tokens=75",
                    "--show_routing", "--routing_layer=0")
     assert p.returncode == 0, p.stderr
     (text,) = samples(p.stdout)
