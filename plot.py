@@ -148,25 +148,44 @@ def layer_grid(fig, n_layer):
     return axes[:n_layer]
 
 
+def smoothed(values, weight=0.8):
+    """Exponential moving average, debiased at the start (TensorBoard's smoothing): light, ~5 points."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def train_ce(row):
+    """The logged training cross-entropy of a train line (without the aux loss), None if non-finite."""
+    return row["ce"] if "ce" in row else row.get("loss")
+
+
 def plot_loss(runs, x="tokens", log=False):
-    """Training loss (left) and validation loss (right) against x in {tokens, flops}. The train curve
-    is the eval lines' train_loss (same estimator as val_loss); a run without eval lines falls back
-    to the logged training cross-entropy ("ce")."""
+    """Training loss (left) and validation loss (right) against x in {tokens, flops}. Left: the logged
+    training cross-entropy ("ce", every log_interval steps on its own batch) faint, lightly smoothed
+    (gid "train_logged" / "train_smoothed"), and the eval lines' train_loss as dots on top ("train_eval":
+    the fixed eval batches, the same estimator as val_loss). Right: the eval lines' val_loss."""
     if not any(r.get(x) is not None for run in runs for r in run.train_rows + run.eval_rows):
         raise Skip(f"no train or eval records with {x!r} in metrics.jsonl yet")
     fig = new_figure(10, 4.5)
     ax_train, ax_val = fig.subplots(1, 2, sharex=True, sharey=True)
     for run in runs:
+        tr = [r for r in run.train_rows if r.get(x) is not None and train_ce(r) is not None]
         ev = [r for r in run.eval_rows if r.get(x) is not None and r.get("val_loss") is not None]
+        if tr:
+            xs, ce = [r[x] for r in tr], [train_ce(r) for r in tr]
+            ax_train.plot(xs, ce, color=run.color, alpha=0.25, linewidth=0.8, gid="train_logged")
+            ax_train.plot(xs, smoothed(ce), color=run.color, label=run.label, gid="train_smoothed")
         if ev:
-            ax_train.plot([r[x] for r in ev], [r["train_loss"] for r in ev], color=run.color, label=run.label)
+            ax_train.plot([r[x] for r in ev], [r["train_loss"] for r in ev], color=run.color, linestyle="none",
+                          marker="o", markersize=4, markeredgecolor="white", zorder=3, gid="train_eval",
+                          label="_nolegend_" if tr else run.label)
             ax_val.plot([r[x] for r in ev], [r["val_loss"] for r in ev], color=run.color, label=run.label,
                         marker="o", markersize=3)
-        else:
-            tr = [r for r in run.train_rows if r.get(x) is not None]
-            ax_train.plot([r[x] for r in tr], [r.get("ce", r.get("loss")) for r in tr], color=run.color,
-                          label=run.label)
-    for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss")):
+    for ax, title in ((ax_train, "training loss (line: logged, smoothed; dots: eval)"),
+                      (ax_val, "validation loss")):
         ax.set_title(title)
         ax.set_xlabel(X_AXES[x])
         ax.grid(alpha=0.3)
@@ -328,7 +347,8 @@ def val_routing(model, val, n_tokens=4096, seq_len=256, batch_size=8):
 
 
 def plot_intensity(run, scores, config):
-    """UoE: violins of the routing score s_i = ||a_i|| of each expert on validation tokens, per layer."""
+    """UoE: violins of the routing score s_i of each expert on validation tokens, per layer (the y axis says
+    which norm of which activations: intensity_label)."""
     layers = [i for i, s in enumerate(scores) if s is not None]
     fig = new_figure(max(8, 2.8 * math.ceil(math.sqrt(len(layers)))), max(5, 2.3 * math.ceil(math.sqrt(len(layers)))))
     axes = layer_grid(fig, len(layers))
@@ -345,12 +365,19 @@ def plot_intensity(run, scores, config):
         ax.set_xticks(range(s.shape[1]))
         ax.grid(alpha=0.3, axis="y")
     fig.supxlabel("expert")
-    fig.supylabel("routing-neuron intensity ||a_i||")
-    what = {"silu": "SiLU(x W_g)", "pre": "x W_g", "swiglu": "SiLU(x W_g) * x W_p"}[config.route_score]
+    fig.supylabel(f"routing-neuron intensity {intensity_label(config)}")
     fig.suptitle(f"UoE routing-neuron intensity per expert on {len(scores[layers[0]])} validation tokens\n"
-                 f"a_i = {what} over the {config.n_routing} routing neurons, L{config.route_norm} norm; "
-                 f"line = median   ({run.label})", fontsize="medium")
+                 f"{SCORE_TEXT[config.route_score]} over the {config.n_routing} routing neurons of expert i, "
+                 f"L{config.route_norm} norm; line = median   ({run.label})", fontsize="medium")
     return fig
+
+
+SCORE_TEXT = {"silu": "SiLU(x W_g)", "pre": "x W_g", "swiglu": "SiLU(x W_g) * x W_p"}   # GPTConfig.route_score
+
+
+def intensity_label(config):
+    """The routing score as the run computes it (route_score, route_norm), e.g. '||SiLU(x W_g)||_2'."""
+    return f"||{SCORE_TEXT[config.route_score]}||_{config.route_norm}"
 
 
 def specialisation(tokens, topk_idx, n_expert, min_count=10, top=5):
@@ -360,7 +387,8 @@ def specialisation(tokens, topk_idx, n_expert, min_count=10, top=5):
     a dense layer). For token type v and expert e the lift is
         lift(v, e) = P(e in top-k | token = v) / P(e in top-k)
     the share of v's occurrences routed to e divided by e's share of all tokens (= P(v | e) / P(v)):
-    1 means no preference, n_expert / K the most a top-k router allows. Only token types with at
+    1 means no preference; at most 1 / P(e in top-k), reached by a type routed to e every time (so a
+    rarely chosen expert can show large lifts). Only token types with at
     least min_count occurrences and lift > 1 are listed, at most `top` per expert. Returns per layer None or
         {"share": [E floats, P(e in top-k)], "experts": [per expert the top entries by lift,
          each {"token", "lift", "share" = P(e in top-k | v), "count" = occurrences of v}]}
@@ -422,7 +450,8 @@ def token_decoder(meta):
 def specialisation_markdown(spec, show, label, n_tokens, min_count):
     lines = [f"# Expert specialisation: {label}", "",
              f"{n_tokens} validation tokens. lift(v, e) = (share of token v's occurrences routed to expert e "
-             "by top-k) / (share of all tokens routed to e); 1 = no preference. Token types with at least "
+             "by top-k) / (share of all tokens routed to e); 1 = no preference, 1 / (e's share) the most "
+             "possible (v always routed to e). Token types with at least "
              f"{min_count} occurrences; ␣ = space, ↵ = newline.", ""]
     for layer, s in enumerate(spec):
         if s is None:

@@ -151,20 +151,39 @@ def test_plot_run_survives_a_cut_log_without_run_json(runs, tmp_path):
     assert plot.plot_run(out, strict=True) == []
 
 
-def test_loss_curves_show_the_runs_eval_losses_against_tokens_and_flops(runs):
+def lines(ax, gid):
+    return [line for line in ax.lines if line.get_gid() == gid]
+
+
+def test_loss_curves_show_the_runs_logged_and_eval_losses_against_tokens_and_flops(runs):
     all_runs = plot.load_runs([runs["uoe"], runs["moe"]])
     for x in ("tokens", "flops"):
         fig = plot.plot_loss(all_runs, x=x)
         ax_train, ax_val = fig.axes
         for i, name in enumerate(("uoe", "moe")):
             ev = [r for r in metrics(runs[name]) if r["kind"] == "eval"]
+            tr = [r for r in metrics(runs[name]) if r["kind"] == "train"]
             np.testing.assert_allclose(ax_val.lines[i].get_xdata(), [r[x] for r in ev])
             np.testing.assert_allclose(ax_val.lines[i].get_ydata(), [r["val_loss"] for r in ev])
-            np.testing.assert_allclose(ax_train.lines[i].get_ydata(), [r["train_loss"] for r in ev])
             assert ax_val.lines[i].get_color() == all_runs[i].color
+            # training panel: every logged training ce (raw and smoothed), the eval points on top
+            logged, smooth, dots = (lines(ax_train, gid)[i] for gid in ("train_logged", "train_smoothed", "train_eval"))
+            for line in (logged, smooth):
+                np.testing.assert_allclose(line.get_xdata(), [r[x] for r in tr])
+            np.testing.assert_allclose(logged.get_ydata(), [r["ce"] for r in tr])
+            np.testing.assert_allclose(smooth.get_ydata(), plot.smoothed([r["ce"] for r in tr]))
+            np.testing.assert_allclose(dots.get_xdata(), [r[x] for r in ev])
+            np.testing.assert_allclose(dots.get_ydata(), [r["train_loss"] for r in ev])
+            assert dots.get_zorder() > smooth.get_zorder() and logged.get_alpha() < 1
         labels = [t.get_text() for t in ax_train.get_legend().get_texts()]
         assert labels == ["uoe E4 K2 D32 R8", "moe E4 K2 D32"]
     assert plot.plot_loss(all_runs, log=True).axes[0].get_yscale() == "log"
+
+
+def test_smoothing_is_light_and_starts_at_the_first_value():
+    assert plot.smoothed([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])
+    steps = plot.smoothed([1.0] + [0.0] * 19)
+    assert steps[0] == 1.0 and steps[-1] < 0.01          # forgets within ~20 points
 
 
 def test_variant_colours_are_fixed_and_repeats_get_shades(runs):
@@ -214,6 +233,13 @@ def test_intensity_violins_are_the_checkpoints_routing_scores_on_val(runs):
         medians = next(c for c in ax.collections if c.get_gid() == "medians")
         got = [seg[0][1] for seg in medians.get_segments()]
         np.testing.assert_allclose(got, np.median(scores.numpy(), axis=0), rtol=1e-5)
+    assert fig.get_supylabel() == "routing-neuron intensity ||SiLU(x W_g)||_2"
+
+
+@pytest.mark.parametrize("score,norm,label", [("silu", 2, "||SiLU(x W_g)||_2"), ("pre", "inf", "||x W_g||_inf"),
+                                              ("swiglu", 1, "||SiLU(x W_g) * x W_p||_1")])
+def test_intensity_axis_names_the_runs_own_score(score, norm, label):
+    assert plot.intensity_label(GPTConfig(ffn="uoe", route_score=score, route_norm=norm)) == label
 
 
 def test_specialisation_ranks_tokens_by_lift_per_expert():
