@@ -2,8 +2,10 @@
 Union-of-Experts (UoE) in one file: a GPT whose feed-forward network is dense, a routed
 top-k MoE, Autonomy-of-Experts (AoE) or Union-of-Experts, selected by `GPTConfig.ffn`.
 
-Read top to bottom: config, attention, the four FFNs (each maps to a section of METHOD.md),
-the shared expert dispatch, the GPT, then accounting (params/FLOPs) and checkpoints.
+Read top to bottom: config, attention, the dense FFN and the routing helpers, the expert
+dispatch shared by the routed FFNs (a readable loop, and grouped GEMMs for speed), the routed
+FFNs moe, aoe, uoe (each maps to a section of METHOD.md), the GPT, then accounting
+(params/FLOPs) and checkpoints.
 Section numbers (§) refer to METHOD.md, the project's specification.
 
 Shapes: B batch, T time, C = n_embd (d), N = B*T tokens, E = n_expert (n), K = top_k,
@@ -121,7 +123,7 @@ def swiglu(x, w_gate, w_up, w_down, mm=torch.matmul):
 
 
 # -----------------------------------------------------------------------------
-# The FFNs. Each takes x (B, T, C) and returns y (B, T, C). Routed FFNs also leave
+# The FFNs. Each takes x (B, T, C) and returns y (B, T, C). Routed FFNs (below the dispatch) also leave
 # `aux_loss` (§4) and `last_routing` (detached tensors for statistics) on themselves.
 
 class DenseFFN(nn.Module):
@@ -143,8 +145,9 @@ def load_balance_loss(scores, topk_idx):
     scores: (N, E) router logits or norms; topk_idx: (N, K)."""
     E = scores.size(-1)
     ones = torch.ones(topk_idx.numel(), dtype=scores.dtype, device=scores.device)
-    f = scores.new_zeros(E).index_add_(0, topk_idx.flatten(), ones) / topk_idx.numel()   # (E,) (no graph break, unlike bincount)
-    P = F.softmax(scores, dim=-1).mean(dim=0)                                               # (E,)
+    # index_add_, not bincount: no graph break under torch.compile
+    f = scores.new_zeros(E).index_add_(0, topk_idx.flatten(), ones) / topk_idx.numel()   # (E,)
+    P = F.softmax(scores, dim=-1).mean(dim=0)                                             # (E,)
     return E * (f * P).sum()
 
 
@@ -281,6 +284,9 @@ def dispatch_grouped(x, topk_idx, gates, expert_fn, weights, extra=None):
     y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
     return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
 
+
+# -----------------------------------------------------------------------------
+# The routed FFNs: each scores the experts, picks the top K and hands them to dispatch.
 
 class MoEFFN(nn.Module):
     """§2 moe: router W_r, p = softmax(x W_r), top-K, gates p[I] / sum p[I] (Mixtral), plus
@@ -465,13 +471,17 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """GPT-2 init: N(0, 0.02) for every matrix (stacked experts included), with the
-        projections that write into the residual stream scaled by 1/sqrt(2 * n_layer)."""
+        projections that write into the residual stream scaled by 1/sqrt(2 * n_layer). AoE's
+        B_i gets std 1/sqrt(d_low), so that its gate x A_i B_i starts with the spread of a
+        full-rank x W_g (with both factors at 0.02 it would start ~sqrt(d_low)/50 as wide, §2)."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 (torch.nn.init.ones_ if name.endswith("weight") else torch.nn.init.zeros_)(p)
             elif name.endswith(("c_proj.weight", "w_down", "shared_down")):
                 torch.nn.init.normal_(p, std=residual_std)
+            elif name.endswith("w_gate_b"):                  # (E, d_low, D)
+                torch.nn.init.normal_(p, std=1 / math.sqrt(p.shape[1]))
             else:
                 torch.nn.init.normal_(p, std=0.02)
 
@@ -497,12 +507,16 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens tokens after idx (B, T), feeding predictions back in."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None):
+        """Sample max_new_tokens tokens after idx (B, T), feeding predictions back in. With
+        vocab_limit, no id >= vocab_limit is sampled: the model's vocab_size may be padded past
+        the tokenizer's (50304 vs GPT-2's 50257), and those ids decode to nothing."""
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = -float("inf")
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
@@ -600,17 +614,21 @@ def flops_per_token(config):
     return flops_breakdown(config)["total"]
 
 
-def match_config(config, target, by="flops"):
+def match_config(config, target, by="flops", multiple_of=1):
     """config with expert_hidden D chosen so that its active FLOPs per token (by='flops') or its
-    total parameters (by='params') are as close as possible to target's. UoE keeps its fraction
-    of routing neurons n_routing / D."""
+    total parameters (by='params') are as close as possible to target's, among the multiples of
+    `multiple_of` (e.g. 64 for aligned bf16 GEMMs on a GPU; the rest of the mismatch is then
+    up to one step of it). UoE keeps its fraction of routing neurons n_routing / D."""
+    if not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of!r} is invalid: it must be an integer >= 1")
     metric = {"flops": flops_per_token, "params": lambda c: param_counts(c)[0]}[by]
     goal, frac = metric(target), config.n_routing / config.expert_hidden
 
-    def at(D):
+    def at(units):                        # D = units * multiple_of
+        D = units * multiple_of
         return replace(config, expert_hidden=D, n_routing=min(D - 1, max(1, round(D * frac))))
 
-    lo, hi = 2, 2
+    lo = hi = math.ceil(2 / multiple_of)  # the smallest D >= 2 (UoE needs a unit besides its routing ones)
     while metric(at(hi)) < goal:          # metric grows with D: bracket, then bisect
         lo, hi = hi, hi * 2
     while hi - lo > 1:
