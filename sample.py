@@ -78,19 +78,30 @@ def parse(argv):
     return opts
 
 
-def tokenizer(out_dir, ckpt):
-    """(encode, decode) of the run's dataset: meta from out_dir/run.json, else data_dir/<dataset>/meta.json."""
-    from data.prepare import DataError, get_tokenizer, read_meta
+def run_meta(out_dir, ckpt):
+    """The run's dataset meta: from out_dir/run.json, else data_dir/<dataset>/meta.json."""
+    from data.prepare import DataError, read_meta
     try:
-        meta = json.loads((Path(out_dir) / "run.json").read_text())["meta"]
+        return json.loads((Path(out_dir) / "run.json").read_text())["meta"]
     except (OSError, ValueError, KeyError, TypeError):
         tc = ckpt.get("train_config") or {}
         folder = Path(tc.get("data_dir", "data")) / str(tc.get("dataset"))
         try:
-            meta = read_meta(folder)
+            return read_meta(folder)
         except DataError:
             raise UserError(f"no tokenizer: neither {out_dir}/run.json nor {folder}/meta.json is readable; "
                             "run from the folder you trained in, or restore run.json") from None
+
+
+def dataset_vocab(ckpt, meta):
+    """How many token ids the dataset has: the model's vocab_size may be larger (GPT-2 BPE's 50257 is padded
+    to 50304), and the extra ids decode to nothing, so sampling stops below this."""
+    return (ckpt.get("data") or {}).get("meta_vocab_size") or meta.get("vocab_size")
+
+
+def tokenizer(meta):
+    """(encode, decode) of the run's dataset; encode's errors are UserErrors."""
+    from data.prepare import DataError, get_tokenizer
     try:
         encode, decode = get_tokenizer(meta)
     except DataError as e:
@@ -168,7 +179,8 @@ def sample(o):
         raise UserError(f"device {o['device']!r} is not usable here ({why}); try --device=cpu") from None
     ckpt = uoe.load_checkpoint(os.path.join(o["out_dir"], "ckpt.pt"), map_location=device)
     model = uoe.model_from_checkpoint(ckpt).to(device).eval()
-    encode, decode = tokenizer(o["out_dir"], ckpt)
+    meta = run_meta(o["out_dir"], ckpt)
+    encode, decode = tokenizer(meta)
     start = o["start"]
     if start.startswith("FILE:"):
         try:
@@ -198,7 +210,8 @@ def sample(o):
     x = torch.tensor([ids], dtype=torch.long, device=device)
     pages = []
     for _ in range(o["num_samples"]):
-        y = model.generate(x, o["max_new_tokens"], temperature=o["temperature"], top_k=o["top_k"])[0].tolist()
+        y = model.generate(x, o["max_new_tokens"], temperature=o["temperature"], top_k=o["top_k"],
+                           vocab_limit=dataset_vocab(ckpt, meta))[0].tolist()
         if not routing:
             print(decode(y))
         else:

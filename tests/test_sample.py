@@ -124,6 +124,22 @@ def test_different_seed_different_text_and_plain_output_without_routing(runs, ca
     assert set(texts[0]) <= set(ITOS)
 
 
+def test_never_samples_the_padding_ids_of_a_padded_vocabulary(tmp_path, capsys):
+    """A model whose vocab_size is padded past the dataset's (as train.py pads GPT-2 BPE), with the
+    padding ids made the most likely ones: they must never come out (they would not decode)."""
+    out = write_run(tmp_path / "padded", vocab_size=len(ITOS) + 24)
+    ckpt = uoe.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt["model"]["lm_head.weight"][len(ITOS):] *= 50                 # (tied with wte)
+    ckpt["data"] = {"meta_vocab_size": len(ITOS)}
+    uoe.save_checkpoint(str(out / "ckpt.pt"), ckpt)
+    sample.main(["--out_dir=" + str(out), "--num_samples=2", "--max_new_tokens=60", "--top_k=None",
+                 "--temperature=2.0", "--show_routing"])
+    texts = samples(capsys.readouterr().out)
+    assert len(texts) == 2 and all(e is not None for t in texts for e, _ in parse_tags(t))
+    assert set("".join(c for t in texts for _, c in parse_tags(t))) <= set(ITOS)
+    assert sample.dataset_vocab({}, META) == len(ITOS)                  # a checkpoint without data: run.json's
+
+
 def test_start_from_file(runs, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("a bad cat")
