@@ -3,11 +3,14 @@ Turn a text source into data/<name>/{train.bin, val.bin, meta.json} for train.py
 
     python data/prepare.py shakespeare_char     # tiny Shakespeare, one token per character
     python data/prepare.py shakespeare          # tiny Shakespeare, GPT-2 BPE
-    python data/prepare.py --input PATH --name NAME [--tokenizer char|gpt2] [--val_fraction 0.1]
+    python data/prepare.py pystdlib_char        # this Python's standard library source, characters
+    python data/prepare.py pystdlib             # the same, GPT-2 BPE
+    python data/prepare.py --input PATH [PATH ...] --name NAME [--tokenizer char|gpt2] [--val_fraction 0.1]
                            [--out_dir DIR] [--bpe_dir DIR]
 
-PATH is a text file, or a folder searched recursively for text files (*.txt, *.md, *.rst, ...) that
-are read in sorted path order and joined (a newline is added after a file that lacks one).
+PATH is a file (any name: text, Python source, ...), or a folder searched recursively for text and
+Python files (*.txt, *.md, *.rst, *.py, ...) that are read in sorted path order; several PATHs are read
+in the order given; all are joined (a newline is added after a file that lacks one).
 The text is streamed in chunks of a few MB, so a large dump needs little memory beyond the output.
 Token ids are stored as uint16 (uint32 when the vocabulary has more than 65536 entries); the last
 val_fraction of the token stream is val.bin, the rest train.bin. meta.json is renamed into place
@@ -17,6 +20,14 @@ GPT-2 BPE is built from encoder.json + vocab.bpe in --bpe_dir, $UOE_BPE_DIR or, 
 copy shipped in data/gpt2 (data/README.md): the same encoding as tiktoken.get_encoding("gpt2"),
 with no download. tiny Shakespeare is --input, $UOE_SHAKESPEARE or, by default, the copy shipped
 as data/tinyshakespeare.txt; only a clone that lacks it downloads it.
+
+pystdlib / pystdlib_char need no network and no file of this repository: the *.py files of the
+running interpreter's standard library (sysconfig's "stdlib" folder) without test folders (test,
+tests, idle_test) and site-packages, about 12 MB in Python 3.11, in a fixed pseudo-random order of
+their paths (sha256), so that val.bin is a sample of modules rather than the alphabetical tail;
+meta.json records the Python version (another version gives other data). pystdlib_char maps the few
+non-ASCII characters (0.03% of them in 3.11: curly quotes, accented names, ...) to U+FFFD, so its
+vocabulary is the ASCII characters that occur plus that one (97 in 3.11).
 """
 import argparse
 import functools
@@ -34,8 +45,11 @@ DATA_DIR = Path(__file__).resolve().parent             # data/<name>/ lives here
 BUNDLED_BPE = DATA_DIR / "gpt2"                        # GPT-2's encoder.json + vocab.bpe, shipped
 BUNDLED_SHAKESPEARE = DATA_DIR / "tinyshakespeare.txt"  # shipped with the repository
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # known names -> tokenizer
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org"}
+DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2",   # known names -> tokenizer
+            "pystdlib_char": "char", "pystdlib": "gpt2"}
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".py"}
+STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}   # folders left out of pystdlib
+UNK = "\ufffd"               # pystdlib_char: what a non-ASCII character becomes
 CHUNK_CHARS = 4 << 20        # characters per streamed chunk
 PARALLEL_BYTES = 32 << 20    # below this a process pool costs more than it saves
 R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -132,7 +146,19 @@ def load_tokenizer(data_dir, bpe_dir=None):
 # -----------------------------------------------------------------------------
 # sources
 
-def text_files(path):
+def input_files(paths):
+    """The files of one or several --input paths, in the order given (see text_files)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise DataError("no --input given; name a file or folder")
+    files = [f for p in paths for f in text_files(p, check_empty=False)]
+    if sum(p.stat().st_size for p in files) == 0:
+        raise DataError(f"{' '.join(map(str, paths))} {'is' if len(paths) == 1 else 'are'} empty (no text); "
+                        "give a file or folder with text in it")
+    return files
+
+
+def text_files(path, check_empty=True):
     """The text files of a file or folder (recursive, sorted, hidden ones skipped)."""
     path = Path(path)
     if not path.exists():
@@ -145,9 +171,36 @@ def text_files(path):
                        key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in {path}; give a folder that has some")
-    if sum(p.stat().st_size for p in files) == 0:
+    if check_empty and sum(p.stat().st_size for p in files) == 0:
         raise DataError(f"{path} is empty (no text); give a file or folder with text in it")
     return files
+
+
+def stdlib_files(root=None):
+    """(files, root): the standard library's *.py files (default: the running interpreter's),
+    without STDLIB_SKIP folders, ordered by the sha256 of their path relative to root."""
+    import sysconfig
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"no standard library folder at {root}; use --input with your own files instead")
+    files = [p for p in root.rglob("*.py") if p.is_file()
+             and not STDLIB_SKIP & set(p.relative_to(root).parts[:-1])]
+    if not files:
+        raise DataError(f"no *.py files under {root}; use --input with your own files instead")
+    files.sort(key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
+    return files, root
+
+
+NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def ascii_pieces(pieces, counter=None):
+    """The pieces with every non-ASCII character replaced by UNK (counted into counter[0])."""
+    for piece in pieces:
+        new, n = NON_ASCII.subn(UNK, piece)
+        if counter is not None:
+            counter[0] += n
+        yield new
 
 
 def download(url, dest, timeout=10):
@@ -267,8 +320,9 @@ def encode_chunks(chunks, encode, workers, bpe_dir):
 # prepare
 
 def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bpe_dir=None,
-            chunk_chars=CHUNK_CHARS, workers=None):
-    """Write out_dir (default data/<name>)/{train.bin, val.bin, meta.json}; returns out_dir."""
+            chunk_chars=CHUNK_CHARS, workers=None, stdlib_root=None):
+    """Write out_dir (default data/<name>)/{train.bin, val.bin, meta.json}; returns out_dir.
+    input: a path or a list of paths; stdlib_root: the folder pystdlib* reads (default: this Python's)."""
     t0 = time.time()
     if input is None and name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; use {' or '.join(DATASETS)}, or give --input PATH --name {name}")
@@ -279,7 +333,10 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
         raise DataError(f"unknown tokenizer {tokenizer!r}; use char or gpt2")
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction {val_fraction} is not between 0 and 1; use e.g. 0.1")
-    files = text_files(input) if input else None  # check the input before creating anything
+    files = input_files(input) if input else None  # check the input before creating anything
+    stdlib = input is None and name.startswith("pystdlib")
+    if stdlib:
+        files, stdlib_root = stdlib_files(stdlib_root)
     out_dir = Path(out_dir) if out_dir else DATA_DIR / name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,15 +346,28 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
     except OSError as e:
         raise DataError(f"cannot write to {out_dir} ({e.strerror}); choose another --out_dir") from None
 
-    if files is None:
+    if stdlib:
+        source = f"Python {sys.version.split()[0]} standard library: {stdlib_root.resolve()}"
+    elif files is None:
         files, source = shakespeare_files(out_dir)
     else:
-        source = str(Path(input).resolve())
+        paths = [input] if isinstance(input, (str, os.PathLike)) else input
+        source = " ".join(str(Path(p).resolve()) for p in paths)
     meta = {"name": name, "tokenizer": tokenizer}
+    to_ascii = stdlib and tokenizer == "char"
+
+    def pieces(counter=None):
+        text = read_pieces(files, chunk_chars)
+        return ascii_pieces(text, counter) if to_ascii else text
+    if stdlib:
+        meta.update(python_version=sys.version.split()[0], excluded_folders=sorted(STDLIB_SKIP),
+                    order="files sorted by the sha256 of their path relative to the stdlib folder")
     if tokenizer == "char":  # the vocabulary needs a first pass over the text
-        chars = set()
-        for piece in read_pieces(files, chunk_chars):
+        chars, mapped = set(), [0]
+        for piece in pieces(mapped):
             chars.update(piece)
+        if to_ascii:
+            meta.update(unk=UNK, non_ascii_mapped_to_unk=mapped[0])
         meta["itos"] = sorted(chars)
         meta["stoi"] = {c: i for i, c in enumerate(meta["itos"])}
         vocab_size, encode, bpe_dir = len(chars), char_encoder(meta["itos"]), None
@@ -319,7 +389,7 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
         # all tokens go to the train file first; the last val_fraction then moves to val.bin
         itemsize = np.dtype(dtype).itemsize
         with open(tmp["train.bin"], "wb") as f:
-            chunks = safe_chunks(read_pieces(files, chunk_chars), chunk_chars)
+            chunks = safe_chunks(pieces(), chunk_chars)
             for i, ids in enumerate(encode_chunks(chunks, encode, workers, bpe_dir), 1):
                 f.write(np.asarray(ids, dtype=dtype).tobytes())
                 if i % 64 == 0:  # a sign of life on GB-sized inputs
@@ -367,14 +437,14 @@ def ensure_dataset(name, data_dir=DATA_DIR):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Prepare a text dataset: train.bin, val.bin, meta.json.")
     p.add_argument("dataset", nargs="?", help=f"{' or '.join(DATASETS)} (or use --input and --name)")
-    p.add_argument("--input", help="text file or folder of text files")
+    p.add_argument("--input", nargs="+", help="files (any suffix: .txt, .py, ...) and/or folders of text and .py files")
     p.add_argument("--name", help="dataset name (default: the input's file name)")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char for shakespeare_char, else gpt2")
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--out_dir", help="default: data/<name>")
     p.add_argument("--bpe_dir", help="folder with GPT-2's encoder.json and vocab.bpe (or set UOE_BPE_DIR)")
     args = p.parse_args(argv)
-    name = args.name or args.dataset or (args.input and Path(args.input).stem)
+    name = args.name or args.dataset or (args.input and Path(args.input[0]).stem)
     try:
         if not name:
             raise DataError(f"no dataset given; name one ({', '.join(DATASETS)}) or give --input PATH")

@@ -119,6 +119,60 @@ def test_folder_input_is_recursive_sorted_and_text_only(tmp_path):
     assert meta["source_files"] == 3
 
 
+
+def test_several_inputs_in_order_and_python_files(tmp_path):
+    a = write(tmp_path / "x" / "mod.py", "def f():\n    return 1\n")
+    b = write(tmp_path / "notes", "plain words")       # a file is taken whatever its suffix
+    write(tmp_path / "pkg" / "z.py", "z = 1\n")
+    write(tmp_path / "pkg" / "a.txt", "a\n")
+    out = prep.prepare("multi", input=[b, a, tmp_path / "pkg"], tokenizer="char", out_dir=tmp_path / "o")
+    meta, train, val = load(out)
+    _, decode = prep.get_tokenizer(meta)
+    assert decode(np.concatenate([train, val])) == "plain words\n" + "def f():\n    return 1\n" + "a\n" + "z = 1\n"
+    assert meta["source_files"] == 4
+    r = run_cli("--input", b, a, "--name", "m2", "--tokenizer", "char", "--out_dir", tmp_path / "o2")
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "o2")[0]["source_files"] == 2
+
+
+def fake_stdlib(root):
+    """A tiny stand-in for the standard library: modules, a package, test folders, site-packages."""
+    write(root / "os.py", "import sys\n")
+    write(root / "json" / "__init__.py", "# caf\u00e9 \u201cquoted\u201d\n")
+    write(root / "json" / "decoder.py", "x = 1\n" * 30)
+    for skipped in ("test/test_os.py", "json/tests/t.py", "idlelib/idle_test/t.py", "site-packages/pkg/m.py"):
+        write(root / skipped, "SKIPPED\n")
+    write(root / "README.txt", "not python\n")
+    return root
+
+
+@pytest.mark.parametrize("name", ["pystdlib_char", "pystdlib"])
+def test_pystdlib_reads_the_stdlib_python_files_without_tests(tmp_path, name):
+    root = fake_stdlib(tmp_path / "lib")
+    out = prep.prepare(name, out_dir=tmp_path / name, stdlib_root=root, bpe_dir=prep.BUNDLED_BPE)
+    meta, train, val = load(out)
+    _, decode = prep.get_tokenizer(meta)
+    text = decode(np.concatenate([train, val]))
+    assert "SKIPPED" not in text and "not python" not in text and "import sys" in text and "x = 1" in text
+    assert meta["source_files"] == 3 and meta["python_version"] == sys.version.split()[0]
+    assert meta["tokenizer"] == ("char" if name == "pystdlib_char" else "gpt2")
+    files, _ = prep.stdlib_files(root)          # a fixed order (sha256 of the relative path), not alphabetical
+    assert sorted(files) == sorted([root / "os.py", root / "json" / "__init__.py", root / "json" / "decoder.py"])
+    assert files == prep.stdlib_files(root)[0]
+    if name == "pystdlib_char":                   # non-ASCII characters become one UNK token
+        assert "# caf\ufffd \ufffdquoted\ufffd" in text
+        assert all(ord(c) < 128 for c in meta["itos"] if c != prep.UNK) and prep.UNK in meta["itos"]
+        assert meta["non_ascii_mapped_to_unk"] == 3
+    else:                                         # GPT-2 BPE keeps them
+        assert "caf\u00e9 \u201cquoted\u201d" in text
+
+
+def test_pystdlib_of_the_running_python_lists_its_modules():
+    files, root = prep.stdlib_files()
+    rel = {p.relative_to(root).as_posix() for p in files}
+    assert "os.py" in rel and "json/decoder.py" in rel
+    assert not any(part in prep.STDLIB_SKIP for r in rel for part in r.split("/")[:-1])
+
 @pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
 def test_streaming_in_tiny_chunks_equals_single_shot(tmp_path, tokenizer):
     text = corpus()[:5000] + TRICKY * 30
