@@ -202,6 +202,38 @@ def test_without_vse_routing_neurons_learn_only_through_the_gates():
     assert all(g.abs().sum() == 0 for g in routing[1:] + rest)
 
 
+# ---- routing precision and AoE's initialisation (§2, §4) ---------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(ffn="moe"), dict(ffn="aoe"), dict(ffn="uoe"),
+                                dict(ffn="uoe", route_score="swiglu"), dict(ffn="uoe", route_score="pre")], ids=str)
+def test_routing_under_bf16_autocast_equals_float32(kw):
+    """The scores come from float32 matmuls also under bf16 autocast, so the same weights and
+    input choose the same top-k experts (a bf16 matmul, upcast afterwards, flipped ~1% of tokens)."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**kw)).transformer.h[0].mlp      # default widths, GPT-2 init
+    x = torch.randn(4, 256, 128)
+    with torch.no_grad():
+        m(x)
+        fp32 = m.last_routing["topk_idx"].clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+    assert y.dtype == torch.bfloat16                    # the experts did run in bf16
+    assert torch.equal(m.last_routing["topk_idx"], fp32)
+
+
+def test_aoe_factorised_gate_starts_as_wide_as_a_full_rank_gate():
+    """x A_i B_i at init has the std of x W_g with W_g ~ N(0, 0.02) (§2 aoe init)."""
+    torch.manual_seed(0)
+    aoe = GPT(GPTConfig(ffn="aoe")).transformer.h[0].mlp
+    dense = GPT(GPTConfig(ffn="dense")).transformer.h[0].mlp
+    x = torch.randn(4096, 128)
+    with torch.no_grad():
+        factorised = torch.einsum("nc,ecl,eld->ned", x, aoe.w_gate_a, aoe.w_gate_b)   # (N, E, D)
+        full_rank = x @ dense.w_gate                                                   # (N, D)
+    assert factorised.std().item() == pytest.approx(full_rank.std().item(), rel=0.1)
+    assert full_rank.std().item() == pytest.approx(0.02 * 128 ** 0.5, rel=0.05)
+
+
 # ---- MoE and the load-balancing loss (§2, §4) -------------------------------------------------
 
 def test_moe_with_all_experts_is_gate_weighted_sum():
@@ -286,6 +318,19 @@ def test_match_config_within_one_hidden_unit(ffn, by):
     one_unit = max(abs(metric(replace(got, expert_hidden=got.expert_hidden + d)) - metric(got)) for d in (-1, 1))
     assert abs(metric(got) - metric(target)) <= one_unit
     assert got.ffn == ffn
+
+
+@pytest.mark.parametrize("ffn", uoe.FFN_VARIANTS)
+def test_match_config_multiple_of_picks_the_closest_multiple(ffn):
+    config, target = GPTConfig(ffn=ffn), GPTConfig(ffn="uoe")
+    got = uoe.match_config(config, target, "flops", multiple_of=64)
+    D, goal, frac = got.expert_hidden, uoe.flops_per_token(target), config.n_routing / config.expert_hidden
+    assert D % 64 == 0
+    neighbours = [replace(config, expert_hidden=d, n_routing=max(1, round(d * frac)))
+                  for d in (D - 64, D + 64) if d > 0]
+    assert all(abs(uoe.flops_per_token(got) - goal) <= abs(uoe.flops_per_token(c) - goal) for c in neighbours)
+    with pytest.raises(ValueError, match="multiple_of"):
+        uoe.match_config(config, target, multiple_of=0)
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
@@ -415,3 +460,14 @@ def test_generate_extends_the_sequence():
     model = GPT(cfg()).eval()
     out = model.generate(torch.zeros(2, 3, dtype=torch.long), 20, temperature=0.8, top_k=5)
     assert out.shape == (2, 23)
+
+
+def test_generate_never_samples_past_vocab_limit():
+    torch.manual_seed(0)
+    model = GPT(cfg()).eval()
+    prompt = torch.zeros(2, 3, dtype=torch.long)
+    free = model.generate(prompt, 30, temperature=50.0)       # near-uniform over all 37 ids
+    assert (free[:, 3:] >= 5).any()                            # so the limit below is what holds them
+    limited = model.generate(prompt, 30, temperature=50.0, vocab_limit=5)
+    assert (limited[:, 3:] < 5).all()
+    assert (model.generate(prompt, 10, top_k=3, vocab_limit=5)[:, 3:] < 5).all()
