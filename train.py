@@ -5,7 +5,7 @@ Train a GPT whose feed-forward layers are dense, MoE, AoE or UoE (see uoe.py and
     python train.py --ffn=moe --max_iters=500      # any option as --key=value (python literals)
     python train.py config/my_run.py --seed=2      # a file of python assignments, then overrides
     python train.py --init_from=resume             # continue out_dir/ckpt.pt exactly where it stopped
-    torchrun --standalone --nproc_per_node=2 train.py   # DDP: nccl on CUDA, gloo on CPU
+    torchrun --standalone --nproc_per_node=2 train.py --gradient_accumulation_steps=2   # DDP (see below)
 
 out_dir gets run.json (all settings), metrics.jsonl (one JSON record per log and eval step) and
 ckpt.pt, written atomically every ckpt_interval steps, at the end and on SIGINT/SIGTERM. A fresh
@@ -14,8 +14,10 @@ model and training settings apply; options given on the command line override tr
 and a model option that differs from the checkpoint's is an error.
 Exit codes: 0 finished; 2 bad input or a non-finite loss (one `error: ...` line, no checkpoint
 written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + signal number).
-Under torchrun, signal torchrun: it passes SIGTERM to every worker, they save and exit 143, and
-torchrun itself then exits 1 with its own traceback.
+DDP: each process takes its share of the gradient_accumulation_steps micro-steps (a multiple of
+--nproc_per_node); on CUDA (nccl) every process needs its own GPU (nproc_per_node <= GPUs), on CPU
+(gloo, or --device=cpu) the processes share the cores. Under torchrun, signal torchrun: it passes
+SIGTERM to every worker, they save and exit 143, and torchrun itself then exits 1 with its own traceback.
 """
 import ast
 import dataclasses
@@ -245,7 +247,12 @@ def resolve_device(name, local_rank):
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device={name} but CUDA is not available on this machine; use --device=cpu")
-        device = torch.device("cuda", local_rank if local_rank is not None else torch.device(name).index or 0)
+        index = local_rank if local_rank is not None else torch.device(name).index or 0   # torchrun: one GPU per rank
+        if index >= torch.cuda.device_count():
+            fix = "start at most one process per GPU (torchrun --nproc_per_node), or use --device=cpu" \
+                if local_rank is not None else "use --device=cuda:0"
+            raise UserError(f"cuda:{index} is needed but this machine has {torch.cuda.device_count()} GPU(s); {fix}")
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         return device
     if name != "cpu":

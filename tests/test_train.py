@@ -187,6 +187,15 @@ def test_every_rank_stops_with_the_error_when_rank_0_cannot_prepare_the_data(tmp
     assert "[rank1]: Traceback" not in p.stderr and "[rank0]: Traceback" not in p.stderr   # (torchrun's own follows)
 
 
+def test_a_rank_without_its_own_gpu_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(train.UserError, match=r"cuda:1 is needed but this machine has 1 GPU\(s\); start at most one"):
+        train.resolve_device("auto", local_rank=1)
+    with pytest.raises(train.UserError, match="use --device=cuda:0"):
+        train.resolve_device("cuda:3", local_rank=None)
+
+
 def test_help_lists_every_training_and_model_option(capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])
