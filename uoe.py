@@ -296,6 +296,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         C, E, D, S = config.n_embd, config.n_expert, config.expert_hidden, config.n_shared
         self.config, self.top_k = config, config.top_k
+        self.aux_loss = self.z_loss = None     # set by forward; here so that compiled guards never see them appear
         self.router = nn.Parameter(torch.empty(C, E))
         self.w_gate = nn.Parameter(torch.empty(E, C, D))
         self.w_up = nn.Parameter(torch.empty(E, C, D))
@@ -332,6 +333,7 @@ class AoEFFN(nn.Module):
         super().__init__()
         C, E, D, L = config.n_embd, config.n_expert, config.expert_hidden, config.d_low
         self.config, self.top_k, self.p = config, config.top_k, config.route_norm
+        self.aux_loss = None                   # set by forward (see MoEFFN)
         self.w_gate_a = nn.Parameter(torch.empty(E, C, L))     # A_i: d x d_low
         self.w_gate_b = nn.Parameter(torch.empty(E, L, D))     # B_i: d_low x D
         self.w_up = nn.Parameter(torch.empty(E, C, D))
@@ -367,6 +369,7 @@ class UoEFFN(nn.Module):
         super().__init__()
         C, E, D = config.n_embd, config.n_expert, config.expert_hidden
         self.config, self.top_k, self.R, self.p = config, config.top_k, config.n_routing, config.route_norm
+        self.aux_loss = None                   # set by forward (see MoEFFN)
         self.vse, self.route_score = config.vse, config.route_score
         # the chosen experts output g_i (R_i + Q_i) instead of g_i Q_i ("twice", or no VSE)
         self.routed_includes_R = config.uoe_output == "twice" or not config.vse

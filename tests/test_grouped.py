@@ -163,6 +163,25 @@ def test_grouped_block_compiles_to_one_graph_whatever_the_expert_loads(ffn):
     assert len(loads) > 1 and any(0 in load for load in loads)
 
 
+@needs_grouped_mm
+def test_grouped_gpt_training_steps_compile_to_one_graph():
+    """The whole model on the grouped path: one graph (fullgraph=True) for every training step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**SMALL, "n_layer": 2}, ffn="uoe", expert_path="grouped"))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(3):
+        idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = compiled(idx, idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert counter.frame_count == 1
+
+
 @pytest.mark.skipif(not os.environ.get("UOE_SLOW_TESTS"), reason="inductor on the CPU takes minutes; "
                     "set UOE_SLOW_TESTS=1 to run it")
 @needs_grouped_mm
