@@ -6,6 +6,8 @@ Sample from a trained model (nanoGPT's sample.py), optionally showing which expe
 
 Options are --key=value (Python literals; strings may be bare), a boolean also as a bare --flag.
 --start is the prompt text, or FILE:path to read it from a file. The same --seed gives the same text.
+Only the dataset's own token ids are sampled (train.py pads GPT-2 BPE's 50257 to 50304; those extra ids
+would not decode).
 
 --show_routing marks every token, prompt included, with the expert that has the highest routing score for
 it in layer --routing_layer (default -1: the last): the model's own decision for the token with the context it
