@@ -195,10 +195,11 @@ def expert_widths(config):
 
 
 def resolve_expert_path(config, device, dtype):
-    """"loop" or "grouped": the expert path a routed layer of `config` takes on `device` when its
-    matmuls run in `dtype`. "auto" is "grouped" where torch's grouped GEMM is built to be fast:
-    CUDA compute capability 9.x/10.x (H100/H200, B200), bfloat16, 16-byte aligned widths; else
-    "loop". An explicit "grouped" with misaligned widths raises ValueError naming the field."""
+    """The expert path, "loop" or "grouped", that a routed layer of `config` takes on `device`
+    when its matmuls run in `dtype`. "auto" is "grouped" where torch's grouped GEMM is built to be
+    fast: CUDA compute capability 9.x/10.x (H100/H200, B200), bfloat16, 16-byte aligned widths;
+    else "loop". An explicit "grouped" with misaligned widths raises ValueError naming the field;
+    under torch.compile it also needs bfloat16 (torch's tracing rule for grouped_mm has no other)."""
     device = torch.device(device)
     if config.expert_path == "loop" or config.ffn == "dense":   # dense: no routed layer to group
         return "loop"
