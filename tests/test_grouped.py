@@ -190,11 +190,18 @@ def test_inductor_compiled_grouped_block_matches_eager(ffn):
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = uoe.Block(GPTConfig(**SMALL, ffn=ffn, expert_path="grouped"))
+    for p in block.parameters():                    # a bare Block is uninitialised (GPT initialises)
+        p.data.normal_(0, 0.3)
     x = torch.randn(2, 8, SMALL["n_embd"])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager = block(x)
-        compiled = torch.compile(block, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+    grad_y = torch.randn(2, 8, SMALL["n_embd"], dtype=torch.bfloat16)
+    results = []
+    for run in (block, torch.compile(block, fullgraph=True)):
+        x_leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = run(x_leaf)
+        results.append((y, *torch.autograd.grad(y, [x_leaf, block.mlp.w_up], grad_y)))
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
 
 
 # ---- expert_path: validation and what "auto" picks ------------------------------------------
