@@ -278,7 +278,7 @@ def dispatch_grouped(x, topk_idx, gates, expert_fn, weights, extra=None):
     def mm(a, w):                                                # (n, X) @ (E, X, Y) -> (n, Y)
         return GROUPED_MM(a, w, offs=offs)
 
-    x_sorted = x[token].to(dtype)                                # (N*K, C)
+    x_sorted = x.to(dtype)[token]                                # (N*K, C)
     extra_sorted = None if extra is None else extra[token, sorted_expert].to(dtype)  # (N*K, X)
     weights = tuple(w.to(dtype).contiguous() for w in weights)   # (E, X, Y) each, 16-byte aligned rows
     y_sorted = expert_fn(x_sorted, weights, extra_sorted, mm)    # (N*K, C)
