@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 FFN_VARIANTS = ("dense", "moe", "aoe", "uoe")
 EXPERT_PATHS = ("auto", "loop", "grouped")
-# one GEMM for many experts over tokens sorted by expert (torch >= 2.8; public name from 2.10 on)
+# one GEMM for many experts over tokens sorted by expert: F.grouped_mm, or its older private name
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -91,7 +91,7 @@ class GPTConfig:
             bad("expert_path", "it must be 'auto', 'loop' or 'grouped'")
         if self.expert_path == "grouped" and GROUPED_MM is None:
             bad("expert_path", f"'grouped' needs torch's grouped_mm, which torch {torch.__version__} lacks "
-                               "(use 'auto' or 'loop', or torch >= 2.8)")
+                               "(use 'auto' or 'loop', or a newer torch)")
 
 
 # -----------------------------------------------------------------------------
