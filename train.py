@@ -470,6 +470,11 @@ def truncate_metrics(path, step):
     write_atomic(path, "".join(keep))
 
 
+def peak_memory_mb(device):
+    """The most GPU memory this process has held in tensors so far (CUDA), else None."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def finite_or_none(x):
     return x if math.isfinite(x) else None   # strict JSON has no NaN
 
@@ -703,7 +708,8 @@ def main(argv):
             mfu = 3 * flops_token * tok_per_s / (peak * world) if peak else None
             log({"kind": "train", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens, "lr": lr,
                  "loss": finite_or_none(loss_v), "ce": finite_or_none(ce_v), "aux": finite_or_none(aux_v),
-                 "tok_per_s": tok_per_s, "step_ms": 1000 * dt, "mfu": mfu, "routing": raw_model.routing_summary()})
+                 "tok_per_s": tok_per_s, "step_ms": 1000 * dt, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device),
+                 "routing": raw_model.routing_summary()})
             eta = (now - t_start) / (step - start_step) * (train.max_iters - step)
             print(f"step {step}/{train.max_iters} | loss {loss_v:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step | "
                   f"{tok_per_s / 1e3:.1f}k tok/s{f' | mfu {100 * mfu:.1f}%' if mfu else ''} | ETA {fmt_time(eta)}",

@@ -53,9 +53,9 @@ def test_char_run_lowers_the_loss_and_logs_the_schema(data, tmp_path):
     assert "8 experts top-2 (experts: loop);" in p.stdout.splitlines()[0] and "MFU" not in p.stdout   # the banner
     train_rec = records(out)[-1]
     assert set(train_rec) == {"kind", "step", "tokens", "flops", "lr", "loss", "ce", "aux", "tok_per_s",
-                              "step_ms", "mfu", "routing"}
+                              "step_ms", "mfu", "peak_mem_mb", "routing"}
     assert set(evals[-1]) == {"kind", "step", "tokens", "flops", "train_loss", "val_loss"}
-    assert train_rec["tokens"] == 30 * 8 * 32 and train_rec["mfu"] is None
+    assert train_rec["tokens"] == 30 * 8 * 32 and train_rec["mfu"] is None and train_rec["peak_mem_mb"] is None
     assert len(train_rec["routing"]) == 1 and len(train_rec["routing"][0]["load"]) == 8
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["dataset"] == "tiny" and run_json["config"]["n_embd"] == 32
