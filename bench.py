@@ -45,13 +45,10 @@ from pathlib import Path
 import torch
 
 import uoe
+from train import mfu_peak   # the one table of GPU peaks for MFU
 from uoe import FFN_VARIANTS, GPT, GPTConfig, flops_breakdown, flops_per_token, match_config, param_counts
 
 REPO = Path(__file__).resolve().parent
-
-# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by GPU name, for MFU; --peak_tflops overrides.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-                 "A10G": 70e12, "4090": 165e12, "3090": 71e12}
 
 # Defaults per preset and command; a flag given on the command line wins. CPU runs use one thread
 # unless told otherwise: on a machine shared with other jobs, an op split over 2 threads waits for
@@ -60,9 +57,11 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 31
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_expert", "top_k", "expert_hidden")
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, vocab_size=65,
-                n_expert=8, top_k=2, expert_hidden=256, dtype="float32", compile="both", reps=11, warmup=3, threads=1),
+                n_expert=8, top_k=2, expert_hidden=256, dtype="float32", compile="both", reps=11, warmup=3, threads=1,
+                multiple_of=1),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, vocab_size=50304,
-                n_expert=8, top_k=2, expert_hidden=1024, dtype="bfloat16", compile="both", reps=20, warmup=3),
+                n_expert=8, top_k=2, expert_hidden=1024, dtype="bfloat16", compile="both", reps=20, warmup=3,
+                multiple_of=64),
 }
 class UserError(Exception):
     """A mistake the user can fix; main() prints it as one `error: ...` line and exits 2."""
@@ -148,13 +147,19 @@ length for seeds and a learning-rate sweep. The gpu preset (8 x 512, block 512, 
 GPT-2 BPE pystdlib, bf16, compiled, widths multiples of 64) runs one model at a time: a few GB of GPU
 memory."""
 
+SPEED_EPILOG = """The cpu preset (4 x 128, block 128, batch 16, float32, 1 thread) times all eight models (four
+variants, eager and compiled) interleaved: a few minutes on 2 cores. The gpu preset (12 x 768, block
+1024, batch 8, bf16 autocast, widths multiples of 64) builds one variant's two models at a time and
+frees them before the next: the largest, MoE (D=1408, 379M parameters), holds 2 x 5.7 GiB of float32
+weights, gradients and AdamW state, plus one step's activations (an estimate: about 20 GiB in all;
+on a 24 GB card use --batch_size 4)."""
 
 def build_parser():
     p = Parser(prog="bench.py", description=__doc__.split("\n\n")[0].strip())
     sub = p.add_subparsers(dest="command", metavar="{speed,quality,ablate,balance}", parser_class=Parser)
     for name in ("speed",) + STUDY_COMMANDS:
         study = name != "speed"
-        s = sub.add_parser(name, help=HELP[name], description=HELP[name], epilog=STUDY_EPILOG if study else None,
+        s = sub.add_parser(name, help=HELP[name], description=HELP[name], epilog=STUDY_EPILOG if study else SPEED_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
                        help="default sizes: cpu (2 cores) or gpu (one GPU, bf16, compile)")
@@ -183,7 +188,9 @@ def build_parser():
             s.add_argument("--reps", type=positive_int, help="timed steps per variant (interleaved)")
             s.add_argument("--warmup", type=positive_int, help="untimed steps first (compiles)")
             s.add_argument("--memory", choices=("on", "off"), default="on", help="peak-memory measurement")
-            s.add_argument("--peak_tflops", type=positive_float, help="GPU bf16 peak for MFU")
+            s.add_argument("--peak_tflops", type=positive_float, help="GPU peak (TFLOP/s) for MFU; default: train.py's table (bf16)")
+            s.add_argument("--multiple_of", type=positive_int, help="round the matched widths D to a multiple of "
+                           "this (gpu preset: 64, aligned bf16 GEMMs; the FLOP mismatch left is a table column)")
             s.add_argument("--seed", type=int, default=0)
             continue
         s.add_argument("--compile", choices=("eager", "compile"), help="train.py --compile (cpu: eager)")
@@ -256,13 +263,6 @@ def matmul_rate(n, seconds):
     return 2 * n ** 3 / seconds
 
 
-def gpu_peak_flops(name, override_tflops=None):
-    """Dense bf16 peak of a GPU from its name (torch.cuda.get_device_name), or None if unknown."""
-    if override_tflops:
-        return override_tflops * 1e12
-    return next((v for k, v in GPU_PEAK_BF16.items() if k.lower() in name.lower()), None)
-
-
 def utilization(achieved, reference):
     """MFU (reference = GPU peak) or fraction of the measured matmul rate (CPU); None if unknown."""
     return achieved / reference if reference else None
@@ -281,9 +281,11 @@ def base_config(args, vocab_size=None):
                      vocab_size=vocab_size or args.vocab_size)
 
 
-def matched_configs(base, variants, by="flops"):
-    """{variant: config} with each variant's D matched to the UoE base config."""
-    return {v: match_config(replace(base, ffn=v), base, by) for v in variants}
+def matched_configs(base, variants, by="flops", multiple_of=1):
+    """{variant: config} with each variant's D matched to the UoE base config (UoE itself is the
+    base); with multiple_of > 1, D is a multiple of it (aligned GEMMs) and some mismatch remains."""
+    return {v: base if v == "uoe" else match_config(replace(base, ffn=v), base, by, multiple_of=multiple_of)
+            for v in variants}
 
 
 def setup_torch(args):
@@ -399,14 +401,33 @@ def capture_dispatch(mlp, x):
     return seen["call"]
 
 
+def shared_piece(mlp, cfg, x2):
+    """A function computing the always-on part of layer 0's FFN from its own weights, as the FFN
+    does: MoE's shared experts, UoE's virtual shared expert beyond its scoring (a_i * x W_p^i then
+    W_o: the routing activations a_i come in as an input); None when there is none."""
+    if cfg.ffn == "moe" and cfg.n_shared:
+        return lambda: uoe.swiglu(x2, mlp.shared_gate, mlp.shared_up, mlp.shared_down)
+    if cfg.ffn == "uoe" and cfg.vse:
+        E, R, C = cfg.n_expert, cfg.n_routing, cfg.n_embd
+        with torch.no_grad():
+            a = torch.nn.functional.silu(x2 @ mlp.routing_neurons(mlp.w_gate))
+        a = a.requires_grad_()
+        return lambda: (a * (x2 @ mlp.routing_neurons(mlp.w_up))) @ mlp.w_down[:, :R, :].reshape(E * R, C)
+    return None
+
+
 def ffn_pieces(run, args, reps):
-    """Eager fwd+bwd times of layer 0's FFN, its expert path, and a dense SwiGLU of the expert
-    path's FLOPs (see the module docstring). Returns a dict of medians in ms and ratios."""
+    """Eager fwd+bwd times of layer 0's FFN and of its parts: the expert path (uoe.dispatch with
+    the FFN's own routing), the always-on part (MoE's shared experts or UoE's VSE, see
+    shared_piece; all of a dense FFN), scoring and the rest (router / C_i / routing neurons,
+    top-k, gates, aux loss: FFN minus the other two), and a dense SwiGLU with the FLOPs of the
+    expert path. Returns medians in ms, each part's share of the FFN's time and of its FLOPs."""
     cfg, dev = run.config, args.device
     mlp = run.model.transformer.h[0].mlp
     B, T, C = args.batch_size, cfg.block_size, cfg.n_embd
     gen = torch.Generator(device="cpu").manual_seed(1)
     x = (torch.randn(B, T, C, generator=gen)).to(dev).requires_grad_()
+    x2 = x.detach().reshape(-1, C).requires_grad_()
     ctx = autocast(args)
     pieces = {"ffn": lambda: ctx_backward(ctx, lambda: mlp(x))}
     if cfg.ffn != "dense":
@@ -418,9 +439,11 @@ def ffn_pieces(run, args, reps):
         w = [(torch.randn(C, width, generator=gen) * 0.02).to(dev).requires_grad_(),
              (torch.randn(C, width, generator=gen) * 0.02).to(dev).requires_grad_(),
              (torch.randn(width, C, generator=gen) * 0.02).to(dev).requires_grad_()]
-        x2 = x.detach().reshape(-1, C).requires_grad_()
         pieces["experts"] = lambda: ctx_backward(ctx, lambda: uoe.dispatch(*a, **kw))
         pieces["dense_equiv"] = lambda: ctx_backward(ctx, lambda: uoe.swiglu(x2, *w))
+        shared = shared_piece(mlp, cfg, x2)
+        if shared is not None:
+            pieces["shared"] = lambda: ctx_backward(ctx, shared)
     for f in pieces.values():            # warm-up
         f()
     times = {k: [] for k in pieces}
@@ -431,10 +454,15 @@ def ffn_pieces(run, args, reps):
     out = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
     fl = flops_breakdown(cfg)
     ffn_flops = fl["ffn_scoring"] + fl["ffn_shared"] + fl["ffn_experts"]
-    if cfg.ffn != "dense":
-        out["routing_share"] = 1 - out["experts_ms"] / out["ffn_ms"]
-        out["routing_flop_share"] = 1 - fl["ffn_experts"] / ffn_flops
+    if cfg.ffn == "dense":
+        out.update(shared_ms=out["ffn_ms"], experts_ms=0.0, scoring_ms=0.0)
+    else:
+        out.setdefault("shared_ms", 0.0)
+        out["scoring_ms"] = out["ffn_ms"] - out["experts_ms"] - out["shared_ms"]
         out["experts_vs_dense"] = out["experts_ms"] / out["dense_equiv_ms"]
+    for part in ("scoring", "shared", "experts"):
+        out[f"{part}_share"] = out[f"{part}_ms"] / out["ffn_ms"]
+        out[f"{part}_flop_share"] = fl[f"ffn_{part}"] / ffn_flops
     return out
 
 
@@ -508,84 +536,108 @@ def cuda_peak_memory_mb(run, x, y, args):
     return (torch.cuda.max_memory_allocated() - before + state_bytes(run.model, run.opt)) / 2 ** 20
 
 
+def speed_groups(runs_spec, device):
+    """The models timed together: on CPU all of them, interleaved (a burst of load from another
+    job then hits every variant alike); on CUDA one variant's models at a time, freed before the
+    next (all eight GPT-2-small-sized models with AdamW state would need ~25 GiB at once)."""
+    if device != "cuda":
+        return [runs_spec]
+    return [[rs for rs in runs_spec if rs[0] == v] for v in dict.fromkeys(rs[0] for rs in runs_spec)]
+
+
 def bench_speed(args):
     setup_torch(args)
     base = base_config(args)
-    configs = matched_configs(base, args.variants, "flops")
+    configs = matched_configs(base, args.variants, "flops", args.multiple_of)
     modes = ["eager", "compile"] if args.compile == "both" else [args.compile]
     dev, tokens = args.device, args.batch_size * base.block_size
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     x = torch.randint(0, base.vocab_size, (args.batch_size, base.block_size), generator=gen).to(dev)
     y = torch.randint(0, base.vocab_size, (args.batch_size, base.block_size), generator=gen).to(dev)
     device_name = torch.cuda.get_device_name() if dev == "cuda" else cpu_name()
+    mm_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    paths = {v: uoe.resolve_expert_path(c, dev, mm_dtype) if hasattr(uoe, "resolve_expert_path") else "loop"
+             for v, c in configs.items()}
     print(f"# bench.py speed on {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{dev} {args.dtype}, batch {args.batch_size} x {base.block_size} tokens", flush=True)
-
-    runs = [Run(v, m, configs[v], args) for m in modes for v in args.variants]
-    for r in runs:                                     # warm-up (and compilation), one model at a time
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            g0, b0 = dynamo_counts()
-            r.step(x, y, args)
-            g1, b1 = dynamo_counts()
-            r.graphs_per_warmup_step.append(g1 - g0)
-            r.graph_breaks += b1 - b0
-        sync(dev)
-        print(f"  warm-up {r.variant:5s} {r.mode:7s} {time.perf_counter() - t0:6.1f} s", flush=True)
+          f"{dev} {args.dtype}, batch {args.batch_size} x {base.block_size} tokens; expert path: "
+          + ", ".join(f"{v} {p}" for v, p in paths.items() if v != "dense"), flush=True)
+    # MFU against train.py's one table of GPU peaks (bf16 runs only, or --peak_tflops)
+    peak, peak_label = mfu_peak(device_name, args.dtype, args.peak_tflops) if dev == "cuda" else (None, "")
 
     n = 1024 if dev == "cpu" else 8192
     a_mm = torch.randn(n, n, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
     b_mm = torch.randn_like(a_mm)
     a_mm @ b_mm
-    matmul_times = []
-    for _ in range(args.reps):                         # interleaved timing
-        for r in runs:
-            g0, _ = dynamo_counts()
-            r.times.append(time_call(lambda: r.step(x, y, args), dev))
-            r.recompiles_timed += dynamo_counts()[0] - g0
-        matmul_times.append(time_call(lambda: a_mm @ b_mm, dev))
+    matmul_times, pieces, memory, timed = [], {}, {}, []
+    for group in speed_groups([(v, m) for m in modes for v in args.variants], dev):
+        runs = [Run(v, m, configs[v], args) for v, m in group]
+        for r in runs:                                     # warm-up (and compilation), one model at a time
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                g0, b0 = dynamo_counts()
+                r.step(x, y, args)
+                g1, b1 = dynamo_counts()
+                r.graphs_per_warmup_step.append(g1 - g0)
+                r.graph_breaks += b1 - b0
+            sync(dev)
+            print(f"  warm-up {r.variant:5s} {r.mode:7s} {time.perf_counter() - t0:6.1f} s", flush=True)
+        for _ in range(args.reps):                         # interleaved timing
+            for r in runs:
+                g0, _ = dynamo_counts()
+                r.times.append(time_call(lambda: r.step(x, y, args), dev))
+                r.recompiles_timed += dynamo_counts()[0] - g0
+            matmul_times.append(time_call(lambda: a_mm @ b_mm, dev))
+        eager = [r for r in runs if r.mode == "eager"] or runs   # compile only: the compiled runs' eager modules
+        for r in eager:
+            if r.variant not in pieces:
+                print(f"  FFN pieces (eager) {r.variant} ...", flush=True)
+                pieces[r.variant] = ffn_pieces(r, args, args.reps)
+        if args.memory == "on":
+            for r in runs:
+                if dev == "cuda":
+                    memory[(r.variant, r.mode)] = cuda_peak_memory_mb(r, x, y, args)
+                elif r.mode == "eager":     # a compiled probe would compile again: eager only on CPU
+                    print(f"  peak memory {r.variant} ...", flush=True)
+                    memory[(r.variant, r.mode)] = memory_in_subprocess(r.config, args)
+        for r in runs:                      # keep the timings, free the model and its optimizer state
+            timed.append(dict(variant=r.variant, mode=r.mode, config=r.config, times=r.times,
+                              graphs_per_warmup_step=r.graphs_per_warmup_step, graph_breaks=r.graph_breaks,
+                              recompiles_timed=r.recompiles_timed))
+        del runs, eager, r
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     mm_rate = matmul_rate(n, statistics.median(matmul_times))
-    # the bf16 peak is the reference only for bf16 runs; for others give --peak_tflops
-    peak = gpu_peak_flops(device_name, args.peak_tflops) if dev == "cuda" and (args.dtype == "bfloat16" or args.peak_tflops) else None
-
-    print("  FFN pieces (eager) ...", flush=True)
-    pieces = {r.variant: ffn_pieces(r, args, args.reps) for r in runs if r.mode == "eager"}
-    if not pieces:       # compile only: time the pieces on the compiled runs' eager modules
-        pieces = {r.variant: ffn_pieces(r, args, args.reps) for r in runs}
-
-    memory = {}
-    if args.memory == "on":
-        print("  peak memory ...", flush=True)
-        for r in runs:
-            if dev == "cuda":
-                memory[(r.variant, r.mode)] = cuda_peak_memory_mb(r, x, y, args)
-            elif r.mode == "eager":     # a compiled probe would compile again: eager only on CPU
-                memory[(r.variant, r.mode)] = memory_in_subprocess(r.config, args)
 
     rows = []
-    for r in runs:
-        t = statistics.median(r.times)
-        total, active = param_counts(r.config)
-        achieved = flop_rate(r.config, tokens, t)
+    order = {(v, m): i for i, (m, v) in enumerate((m, v) for m in modes for v in args.variants)}
+    for r in sorted(timed, key=lambda r: order[(r["variant"], r["mode"])]):
+        t = statistics.median(r["times"])
+        total, active = param_counts(r["config"])
+        achieved = flop_rate(r["config"], tokens, t)
+        compiled = r["mode"] == "compile"
         rows.append(dict(
-            variant=r.variant, mode=r.mode, expert_hidden=r.config.expert_hidden,
-            params_total=total, params_active=active, fwd_flops_per_token=flops_per_token(r.config),
-            step_ms=t * 1e3, step_ms_all=[s * 1e3 for s in r.times], tokens_per_s=tokens / t,
-            peak_mem_mb=memory.get((r.variant, r.mode)), achieved_flops=achieved,
+            variant=r["variant"], mode=r["mode"], expert_hidden=r["config"].expert_hidden,
+            expert_path=paths[r["variant"]] if r["variant"] != "dense" else None,
+            params_total=total, params_active=active, fwd_flops_per_token=flops_per_token(r["config"]),
+            flop_mismatch=flops_per_token(r["config"]) / flops_per_token(base) - 1,
+            step_ms=t * 1e3, step_ms_all=[s * 1e3 for s in r["times"]], tokens_per_s=tokens / t,
+            peak_mem_mb=memory.get((r["variant"], r["mode"])), achieved_flops=achieved,
             mfu=utilization(achieved, peak) if dev == "cuda" else None,
             matmul_fraction=utilization(achieved, mm_rate) if dev == "cpu" else None,
-            graphs_per_warmup_step=r.graphs_per_warmup_step if r.mode == "compile" else None,
-            graph_breaks=r.graph_breaks if r.mode == "compile" else None,
-            recompiles_during_timing=r.recompiles_timed if r.mode == "compile" else None,
-            ffn=pieces.get(r.variant) if r.mode == modes[0] else None))
+            graphs_per_warmup_step=r["graphs_per_warmup_step"] if compiled else None,
+            graph_breaks=r["graph_breaks"] if compiled else None,
+            recompiles_during_timing=r["recompiles_timed"] if compiled else None,
+            ffn=pieces.get(r["variant"]) if r["mode"] == modes[0] else None))
     result = dict(
         command="speed", device=dev, device_name=device_name, torch=torch.__version__,
         threads=torch.get_num_threads(), dtype=args.dtype, batch_size=args.batch_size,
         tokens_per_step=tokens, reps=args.reps, warmup=args.warmup, base_config=asdict(base),
-        configs={v: asdict(c) for v, c in configs.items()},
-        matmul={"n": n, "flops_per_s": mm_rate, "dtype": str(a_mm.dtype)}, gpu_peak_flops=peak,
+        configs={v: asdict(c) for v, c in configs.items()}, expert_paths=paths, multiple_of=args.multiple_of,
+        matmul={"n": n, "flops_per_s": mm_rate, "dtype": str(a_mm.dtype)}, gpu_peak_flops=peak, gpu_peak=peak_label,
         memory_method=("cuda max_memory_allocated (one step, model alone)" if dev == "cuda" else
                        "peak RSS of a fresh process (2 eager steps) minus RSS after import; eager only"),
+        timing=("one variant's models at a time (CUDA: freed before the next)" if dev == "cuda" else
+                "all models interleaved in every repetition"),
         graph_break_reasons=graph_break_reasons() if "compile" in modes else [],
         ratios=speed_ratios(rows), rows=rows)
     print()
@@ -623,32 +675,45 @@ def speed_table(res):
     util = "of matmul" if cpu else "MFU"
     b = res["base_config"]
     ref = (f"1024^2 fp32 matmul {res['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s" if cpu else
-           f"bf16 peak {res['gpu_peak_flops'] / 1e12:.0f} TFLOP/s" if res["gpu_peak_flops"] else "bf16 peak unknown")
+           f"MFU against {res['gpu_peak']}" if res["gpu_peak_flops"] else res.get("gpu_peak") or "no MFU")
+    paths = ", ".join(f"{v} {p}" for v, p in res.get("expert_paths", {}).items() if v != "dense")
+    aligned = f" (multiples of {res['multiple_of']})" if res.get("multiple_of", 1) > 1 else ""
     lines = [f"Speed: {res['device_name']}, torch {res['torch']}, {res['threads']} threads, {res['dtype']}; "
              f"UoE {b['n_layer']}x{b['n_embd']}, E={b['n_expert']}, K={b['top_k']}, D={b['expert_hidden']}, "
-             f"others' D matched on active FLOPs; {res['tokens_per_step']} tokens/step; "
-             f"median of {res['reps']} interleaved steps; {ref}.",
+             f"others' D matched on active FLOPs{aligned}; "
+             f"{res['tokens_per_step']} tokens/step; median of {res['reps']} steps, "
+             f"{res.get('timing', 'all models interleaved in every repetition')}; {ref}; "
+             f"expert path: {paths or '–'}.",
              "",
-             f"| variant | mode | D | params (total / active) | fwd MFLOP/tok | step ms | tokens/s | "
+             f"| variant | mode | D | params (total / active) | fwd MFLOP/tok | FLOPs vs UoE | step ms | tokens/s | "
              f"peak mem MB | GFLOP/s | {util} |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         u = r["matmul_fraction" if cpu else "mfu"]
         lines.append(f"| {r['variant']} | {r['mode']} | {r['expert_hidden']} | "
                      f"{r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M | "
-                     f"{r['fwd_flops_per_token'] / 1e6:.2f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['fwd_flops_per_token'] / 1e6:.2f} | {fmt(r.get('flop_mismatch'), '+.2%')} | "
+                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{fmt(r['peak_mem_mb'], '.0f')} | {r['achieved_flops'] / 1e9:.2f} | {fmt(u, '.1%')} |")
     ffn_rows = [r for r in res["rows"] if r["ffn"]]
     if ffn_rows:
-        lines += ["", "FFN of layer 0 (eager, fwd+bwd, median ms): the expert path is uoe.dispatch; "
-                  "dense equiv = a dense SwiGLU with the expert path's FLOPs.", "",
-                  "| variant | FFN ms | experts ms | dense equiv ms | experts / dense equiv | "
-                  "routing share of time (of FLOPs) |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "FFN of layer 0 (eager, fwd+bwd, median ms; share of the FFN's time, and of its FLOPs): "
+                  "experts = uoe.dispatch; VSE/shared = UoE's virtual shared expert beyond scoring, MoE's shared "
+                  "experts, all of a dense FFN; scoring = router / C_i / routing neurons, top-k, gates, aux loss "
+                  "(FFN minus the other two); dense equiv = a dense SwiGLU with the expert path's FLOPs.", "",
+                  "| variant | FFN ms | scoring ms (time, FLOPs) | VSE/shared ms (time, FLOPs) | "
+                  "experts ms (time, FLOPs) | dense equiv ms | experts / dense equiv |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+
+        def part(f, name):
+            if f"{name}_share" not in f:
+                return "–"
+            return f"{f[name + '_ms']:.2f} ({f[name + '_share']:.0%}, {f[name + '_flop_share']:.0%})"
         for r in ffn_rows:
             f = r["ffn"]
-            share = (f"{f['routing_share']:.0%} ({f['routing_flop_share']:.0%})" if "routing_share" in f else "–")
-            lines.append(f"| {r['variant']} | {f['ffn_ms']:.2f} | {fmt(f.get('experts_ms'), '.2f')} | "
-                         f"{fmt(f.get('dense_equiv_ms'), '.2f')} | {fmt(f.get('experts_vs_dense'), '.2f')} | {share} |")
+            lines.append(f"| {r['variant']} | {f['ffn_ms']:.2f} | {part(f, 'scoring')} | {part(f, 'shared')} | "
+                         f"{part(f, 'experts')} | {fmt(f.get('dense_equiv_ms'), '.2f')} | "
+                         f"{fmt(f.get('experts_vs_dense'), '.2f')} |")
     lines += ["", "Ratios of median step times (targets: uoe/moe <= 1.05, aoe/uoe >= 1.2, "
               "experts/dense equiv <= 1.3):", ""]
     for mode, m in res["ratios"].items():

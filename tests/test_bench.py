@@ -82,10 +82,9 @@ def test_training_flops_are_three_forwards():
 def test_matmul_rate_mfu_and_matmul_fraction():
     assert bench.matmul_rate(1024, 1.0) == 2 * 1024 ** 3
     assert bench.matmul_rate(2, 1e-3) == pytest.approx(16e3)
-    assert bench.gpu_peak_flops("NVIDIA H200") == 989e12
-    assert bench.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert bench.gpu_peak_flops("Some Future GPU") is None
-    assert bench.gpu_peak_flops("Some Future GPU", override_tflops=100) == 100e12
+    import train                                   # one table of GPU peaks, train.py's
+    assert bench.mfu_peak is train.mfu_peak and not hasattr(bench, "GPU_PEAK_BF16")
+    assert bench.mfu_peak("NVIDIA H200", "bfloat16")[0] == 989e12
     assert bench.utilization(494.5e12, 989e12) == pytest.approx(0.5)   # MFU
     assert bench.utilization(20e9, 80e9) == pytest.approx(0.25)        # fraction of the matmul rate
     assert bench.utilization(1.0, None) is None
@@ -179,13 +178,30 @@ def test_speed_runs_end_to_end_and_writes_the_json(tmp_path, capsys):
         assert {"step_ms", "tokens_per_s", "achieved_flops", "matmul_fraction", "peak_mem_mb", "ffn"} <= r.keys()
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["achieved_flops"] > 0 and r["matmul_fraction"] > 0
         assert r["ffn"]["ffn_ms"] > 0
+        f = r["ffn"]
+        assert sum(f[f"{p}_flop_share"] for p in ("scoring", "shared", "experts")) == pytest.approx(1)
+        assert sum(f[f"{p}_share"] for p in ("scoring", "shared", "experts")) == pytest.approx(1)
+        assert r["flop_mismatch"] == pytest.approx(0, abs=0.05)
         if r["variant"] != "dense":
-            assert r["ffn"]["experts_ms"] > 0 and r["ffn"]["dense_equiv_ms"] > 0
-            assert 0 <= r["ffn"]["routing_flop_share"] < 1
+            assert f["experts_ms"] > 0 and f["dense_equiv_ms"] > 0 and r["expert_path"] in ("loop", "grouped")
+            assert 0 < f["experts_flop_share"] < 1
+        if r["variant"] == "uoe":                    # the VSE is timed and counted apart from scoring
+            assert f["shared_ms"] > 0 and 0 < f["shared_flop_share"] < 1 and f["scoring_flop_share"] > 0
+        if r["variant"] == "moe":
+            assert f["shared_ms"] == 0 and f["shared_flop_share"] == 0
     assert res["matmul"]["flops_per_s"] > 0
     assert {"uoe_over_moe", "aoe_over_uoe"} <= res["ratios"]["eager"].keys()
+    assert res["expert_paths"]["uoe"] in ("loop", "grouped")
     printed = capsys.readouterr().out
     assert "| variant | mode |" in printed and "| uoe | eager |" in printed
+    assert "VSE/shared ms (time, FLOPs)" in printed and "expert path: moe " in printed
+
+
+def test_matched_widths_can_be_rounded_for_aligned_gemms():
+    base = uoe.GPTConfig(vocab_size=50304, n_layer=2, n_embd=768, n_head=12, block_size=64, expert_hidden=1024)
+    configs = bench.matched_configs(base, uoe.FFN_VARIANTS, "flops", multiple_of=64)
+    assert configs["uoe"] == base and all(c.expert_hidden % 64 == 0 for c in configs.values())
+    assert bench.parse_args(["speed"]).multiple_of == 1 and bench.PRESETS["gpu"]["multiple_of"] == 64
 
 
 def test_speed_measures_peak_memory_in_a_fresh_process(tmp_path):
