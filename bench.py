@@ -130,7 +130,7 @@ HELP = {
     "speed": "time a training step of each variant (eager and compiled)",
     "quality": "val loss of dense, MoE, MoE + shared expert and UoE at matched active FLOPs: a learning-rate "
                "sweep on seed 0, then every seed at each variant's best lr; paired differences ± SE. "
-               "CPU defaults: 20 train.py runs, ~30 min on 2 cores",
+               "CPU defaults: 24 train.py runs (4 lrs x 4 variants, then 2 more seeds each), ~30 min on 2 cores",
     "ablate": "the paper's UoE ablations (no VSE, output twice, score pre/swiglu, norm 1/inf, n_routing halved/"
               "doubled) at UoE's best lr from quality; CPU defaults: 27 runs (the 3 full-UoE ones are quality's "
               "when it ran first), ~30 min on 2 cores",
@@ -141,11 +141,11 @@ STUDY_EPILOG = """Every run is `python train.py --key=value ...` (the same recip
 run in a subprocess with its own folder under OUT_DIR/runs/ and its result written there as soon as
 it finishes: interrupt at any time (Ctrl-C) and rerun the same command to continue; finished runs are
 skipped. Seeds are paired across variants: seed s gives every variant the same batches in the same
-order and the same evaluation batches. The cpu preset (2 x 64, E=8, K=2, UoE D=128, block 128, batch 16,
-500 steps = 1.0M tokens of pystdlib_char, 2 runs at a time on 1 thread each) trades model size and run
-length for seeds and a learning-rate sweep. The gpu preset (8 x 512, block 512, batch 16, 1500 steps,
-GPT-2 BPE pystdlib, bf16, compiled, widths multiples of 64) runs one model at a time: a few GB of GPU
-memory."""
+order and the same evaluation batches. The cpu preset (2 x 64, E=8, K=2, UoE D=128, block 128,
+batch 16, 500 steps = 1.0M tokens of pystdlib_char, a tenth of an epoch; warmup 100; 2 runs at a time
+on 1 thread each) trades model size and run length for seeds and a learning-rate sweep. The gpu preset (8 x 512, block 512, batch 16, 1500 steps =
+12.3M tokens, 2.4 epochs of pystdlib's 5.1M GPT-2 BPE tokens in Python 3.11, bf16, compiled, widths
+multiples of 64) runs one model at a time: a few GB of GPU memory."""
 
 SPEED_EPILOG = """The cpu preset (4 x 128, block 128, batch 16, float32, 1 thread) times all eight models (four
 variants, eager and compiled) interleaved: a few minutes on 2 cores. The gpu preset (12 x 768, block
@@ -770,8 +770,8 @@ ABLATIONS = {"uoe": {}, "no_vse": dict(vse=False), "output_twice": dict(uoe_outp
 # time on one thread each (see README "Does UoE beat MoE here?"). GPU: one run at a time.
 STUDY_PRESETS = {
     "cpu": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, batch_size=16, n_expert=8, top_k=2,
-                expert_hidden=128, steps=500, warmup_steps=50, eval_interval=100, eval_iters=8, log_interval=20,
-                seeds=3, lrs=[2e-3, 4e-3, 8e-3], default_lr=4e-3, dataset="pystdlib_char", dtype="float32",
+                expert_hidden=128, steps=500, warmup_steps=100, eval_interval=100, eval_iters=8, log_interval=20,
+                seeds=3, lrs=[1e-3, 2e-3, 4e-3, 8e-3], default_lr=4e-3, dataset="pystdlib_char", dtype="float32",
                 compile="eager", jobs=2, threads=1, multiple_of=1),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=16, n_expert=8, top_k=2,
                 expert_hidden=1024, steps=1500, warmup_steps=150, eval_interval=150, eval_iters=20, log_interval=50,
