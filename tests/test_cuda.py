@@ -16,7 +16,7 @@ HAS_CUDA = torch.cuda.is_available()
 MAJOR = torch.cuda.get_device_properties(0).major if HAS_CUDA else None
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 needs_fast_grouped = pytest.mark.skipif(
-    uoe.GROUPED_MM is None or MAJOR not in (9, 10),
+    HAS_CUDA and (uoe.GROUPED_MM is None or MAJOR not in (9, 10)),
     reason=f"grouped path needs torch's grouped_mm and a GPU of compute capability 9.x/10.x (torch "
            f"{torch.__version__}, grouped_mm {'present' if uoe.GROUPED_MM else 'absent'}, capability {MAJOR}.x)")
 
