@@ -141,11 +141,12 @@ STUDY_EPILOG = """Every run is `python train.py --key=value ...` (the same recip
 run in a subprocess with its own folder under OUT_DIR/runs/ and its result written there as soon as
 it finishes: interrupt at any time (Ctrl-C) and rerun the same command to continue; finished runs are
 skipped. Seeds are paired across variants: seed s gives every variant the same batches in the same
-order and the same evaluation batches. The cpu preset (2 x 64, E=8, K=2, UoE D=128, block 128,
-batch 16, 500 steps = 1.0M tokens of pystdlib_char, a tenth of an epoch; warmup 100; 2 runs at a time
-on 1 thread each) trades model size and run length for seeds and a learning-rate sweep. The gpu preset (8 x 512, block 512, batch 16, 1500 steps =
-12.3M tokens, 2.4 epochs of pystdlib's 5.1M GPT-2 BPE tokens in Python 3.11, bf16, compiled, widths
-multiples of 64) runs one model at a time: a few GB of GPU memory."""
+order, the same evaluation batches, and the same initial embeddings and first attention layer.
+The cpu preset (2 x 64, E=8, K=2, UoE D=128, block 128, batch 16, 500 steps = 1.0M tokens of
+pystdlib_char, a tenth of an epoch; warmup 100; 2 runs at a time on 1 thread each) trades model size
+and run length for seeds and a learning-rate sweep. The gpu preset (8 x 512, block 512, batch 16,
+1500 steps = 12.3M tokens, 2.4 epochs of pystdlib's 5.1M GPT-2 BPE tokens in Python 3.11; bf16,
+compiled, widths multiples of 64) runs one model at a time: a few GB of GPU memory."""
 
 SPEED_EPILOG = """The cpu preset (4 x 128, block 128, batch 16, float32, 1 thread) times all eight models (four
 variants, eager and compiled) interleaved: a few minutes on 2 cores. The gpu preset (12 x 768, block
