@@ -957,6 +957,11 @@ def run_all(specs, args, progress):
         while todo or running:
             while todo and len(running) < args.jobs:
                 s = todo.pop(0)
+                r = read_result(s)          # finished meanwhile by another command sharing OUT_DIR
+                if r is not None:
+                    results[s["dir"]] = r
+                    progress.skip(1)
+                    continue
                 Path(s["dir"]).mkdir(parents=True, exist_ok=True)
                 log = open(Path(s["dir"]) / "train.log", "w")
                 p = launch(s, env, log)
