@@ -1,31 +1,36 @@
 """
-Dense, MoE, AoE and UoE side by side: speed and memory of a training step, and quality after
-the same training budget.
+Dense, MoE, AoE and UoE side by side: speed and memory of a training step; and a study of quality
+at matched active FLOPs, the paper's UoE ablations and load balance, every run made by train.py.
 
     python bench.py speed                  # step time, tokens/s, peak memory, FLOP/s; eager and compiled
-    python bench.py quality                # val loss (mean +- std over seeds) and loss curves
     python bench.py speed --preset gpu     # GPT-2-small-like (12 x 768, block 1024), bf16, one GPU
-    python bench.py speed --compile eager --variants moe,uoe --reps 11 --n_layer 2
+    python bench.py quality                # dense, moe, moe+shared, uoe: lr sweep, seeds, paired differences
+    python bench.py ablate                 # UoE without VSE, output twice, other scores / norms / n_routing
+    python bench.py balance                # expert load of moe and uoe without (and with) the aux loss
+    python bench.py quality --help         # sizes, what the cpu defaults cost, the gpu preset
 
 The size flags describe the UoE model; every other variant gets the expert_hidden D that
-uoe.match_config picks to match its active FLOPs per token (and, in `quality`, a second table
-matched on total parameters). Outputs go to --out_dir (default bench_out/, not committed):
-bench_speed.json, bench_quality.json, quality_curves.png.
+uoe.match_config picks to match its active FLOPs per token. Outputs go to --out_dir (default
+bench_out/, not committed): bench_<command>.json, quality_curves.png, balance.png, and runs/, one
+folder per train.py run of the study (train.log, metrics.jsonl, run.json, result.json).
 
 How speed is measured (the machine may be shared, so every number is a median, and variants are
-compared within one run): all models are built first, warmed up, then timed step by step with
-the variants interleaved in every repetition, so a burst of load hits them all alike.
+compared within one run): on CPU all models are built first, warmed up, then timed step by step
+with the variants interleaved in every repetition, so a burst of load hits them all alike; on CUDA
+one variant's models (eager, compiled) at a time, freed before the next.
 - step: forward + backward + AdamW step, on random tokens.
 - FLOP/s: 3 * uoe.flops_per_token * tokens / step time (the model's matmul FLOPs; a training
-  step is ~3x the forward). On CUDA, MFU = FLOP/s / the GPU's dense bf16 peak; on CPU, the
-  fraction of the rate of a 1024x1024 float32 matmul timed in the same repetitions.
+  step is ~3x the forward). On CUDA, MFU = FLOP/s / the GPU's peak from train.mfu_peak; on CPU,
+  the fraction of the rate of a 1024x1024 float32 matmul timed in the same repetitions.
 - memory: CUDA, max_memory_allocated over one step, counted as if the model were alone on the
   GPU; CPU, the peak RSS of a fresh process running two eager steps minus its RSS after
   importing torch (weights, grads, AdamW state, activations and allocator slack).
 - FFN pieces (eager, layer 0 alone, forward + backward on random activations): the whole FFN;
-  its expert path (uoe.dispatch with the FFN's own routing, captured from a forward); and a
-  dense SwiGLU with the FLOPs of that expert path. "routing share" = 1 - experts / FFN time:
-  scoring, top-k, gates, aux loss and, for UoE, the virtual shared expert.
+  its expert path (uoe.dispatch with the FFN's own routing, captured from a forward); its
+  always-on part (MoE's shared experts, UoE's virtual shared expert beyond scoring); scoring and
+  the rest (router / routing neurons, top-k, gates, aux loss) = FFN - experts - always-on; and a
+  dense SwiGLU with the FLOPs of the expert path. Each part's share of time is next to its share
+  of the FFN's FLOPs.
 """
 import argparse
 import hashlib
