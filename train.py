@@ -113,10 +113,11 @@ def field_comments(cls):
         return {}
 
 
-def option_table():
-    """name -> (default, allowed types, help) for every training and model option."""
+def option_table(classes=(TrainConfig, GPTConfig)):
+    """name -> (default, allowed types, help) for every field of the option dataclasses (by default
+    train.py's: every training and model option); the help is the field's `# comment`."""
     table = {}
-    for cls in (TrainConfig, GPTConfig):
+    for cls in classes:
         comments = field_comments(cls) | (MODEL_HELP if cls is GPTConfig else {})
         for f in fields(cls):
             default = f.default
@@ -127,7 +128,7 @@ def option_table():
     return table
 
 
-def check_type(name, value, types, text=None):
+def check_type(name, value, types, text=None, program="train.py"):
     """value as the option's type (an int is accepted for a float); text is the raw command-line text."""
     if type(value) in types:
         return value
@@ -137,12 +138,12 @@ def check_type(name, value, types, text=None):
         return text
     allowed = " or ".join("None" if t is type(None) else t.__name__ for t in types)
     raise UserError(f"--{name} expects {allowed}, got {value!r} ({type(value).__name__}); "
-                    "see python train.py --help")
+                    f"see python {program} --help")
 
 
-def unknown_option(name, table):
+def unknown_option(name, table, program="train.py"):
     near = difflib.get_close_matches(name, table, n=3)
-    hint = f"did you mean {' or '.join('--' + n for n in near)}?" if near else "python train.py --help lists them"
+    hint = f"did you mean {' or '.join('--' + n for n in near)}?" if near else f"python {program} --help lists them"
     return UserError(f"unknown option --{name}; {hint}")
 
 
@@ -161,9 +162,9 @@ def read_config_file(path):
             if not k.startswith("_") and not inspect.ismodule(v) and not callable(v)}
 
 
-def help_text(table):
-    lines = [__doc__.strip(), "", "Options (--name=default  what it does):"]
-    for title, cls in (("training", TrainConfig), ("model (uoe.GPTConfig)", GPTConfig)):
+def help_text(table, doc=__doc__, sections=(("training", TrainConfig), ("model (uoe.GPTConfig)", GPTConfig))):
+    lines = [doc.strip(), "", "Options (--name=default  what it does):"]
+    for title, cls in sections:
         lines.append(f"\n{title}:")
         for f in fields(cls):
             default, _, help = table[f.name]
@@ -172,23 +173,31 @@ def help_text(table):
 
 
 def parse_args(argv):
-    """Options from the defaults, then config files (`path` or --config=path), then --key=value.
+    """train.py's options from the defaults, then config files (`path` or --config=path), then --key=value.
     Returns (values, explicit): all option values, and the names the user set."""
     table = option_table()
+    return parse_options(argv, table, help_text(table), "train.py", config_files=True)
+
+
+def parse_options(argv, table, help, program, config_files=False):
+    """The one option dialect of train.py and sample.py: --key=value (a python literal; a bare word is a
+    string), a bare --flag for a boolean, --help, and with config_files python files of assignments.
+    table: option_table(); help: the --help text. Returns (values, explicit): all option values, and the
+    names the user set. Unknown names, wrong types and unparsable arguments are UserErrors."""
     values = {name: default for name, (default, _, _) in table.items()}
     explicit = set()
 
     def assign(name, value, text=None):
         if name not in table:
-            raise unknown_option(name, table)
-        values[name] = check_type(name, value, table[name][1], text)
+            raise unknown_option(name, table, program)
+        values[name] = check_type(name, value, table[name][1], text, program)
         explicit.add(name)
 
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help_text(table))
+            print(help)
             sys.exit(0)
-        if not arg.startswith("-") or arg.startswith("--config="):
+        if config_files and (not arg.startswith("-") or arg.startswith("--config=")):
             for name, value in read_config_file(arg.removeprefix("--config=")).items():
                 assign(name, value)
             continue
@@ -197,7 +206,7 @@ def parse_args(argv):
             if arg.startswith("--") and name in table and bool in table[name][1]:
                 assign(name, True)   # a bare --compile means --compile=True
                 continue
-            raise UserError(f"cannot parse {arg!r}; write options as --key=value (python train.py --help)")
+            raise UserError(f"cannot parse {arg!r}; write options as --key=value (python {program} --help)")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
