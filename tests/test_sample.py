@@ -15,15 +15,15 @@ import torch
 
 import sample
 import uoe
+from conftest import ENV, REPO
 from uoe import GPT, GPTConfig
 
-REPO = Path(__file__).resolve().parent.parent
 ITOS = sorted(set("the quick brown fox jumps over the lazy dog.\nA bad cat sat on a mat;"))   # no '[' or '-'
 META = {"name": "tiny", "tokenizer": "char", "vocab_size": len(ITOS), "dtype": "uint16", "itos": ITOS,
         "stoi": {c: i for i, c in enumerate(ITOS)}}
 SIZES = dict(vocab_size=len(ITOS), block_size=32, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=2,
              expert_hidden=32)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+ENV = {**ENV, "NO_COLOR": "1"}
 
 
 def write_run(out_dir, ffn="uoe", seed=0, **overrides):
