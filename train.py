@@ -533,6 +533,7 @@ def banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label):
 
 
 # -----------------------------------------------------------------------------
+# the run: every check before any work, then the model, optimizer and data stream (fresh or resumed)
 
 def check_run(values, explicit, world, master, ddp):
     """Find everything wrong with the options, out_dir, the checkpoint to resume and the data before any
@@ -589,6 +590,9 @@ def load_optimizer_state(optimizer, state):
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
 
+
+# -----------------------------------------------------------------------------
+# main's pieces, in the order main uses them: the process, precision, logs, one step of the loop, the end
 
 class Processes(NamedTuple):
     """This process among the run's: under torchrun one of `world` DDP processes, else the only one."""
