@@ -4,7 +4,7 @@ Sample from a trained model (nanoGPT's sample.py), optionally showing which expe
     python sample.py --out_dir=out-uoe --start="ROMEO:" --num_samples=2 --max_new_tokens=200
     python sample.py --out_dir=out-uoe --show_routing --routing_layer=0 --routing_html=routing.html
 
-Options are --key=value (Python literals; strings may be bare), a boolean also as a bare --flag.
+Options are train.py's: --key=value (Python literals; strings may be bare), a boolean also as a bare --flag.
 --start is the prompt text, or FILE:path to read it from a file. The same --seed gives the same text.
 Only the dataset's own token ids are sampled (train.py pads GPT-2 BPE's 50257 to 50304; those extra ids
 would not decode).
@@ -16,30 +16,34 @@ sliding windows). On a terminal (NO_COLOR unset) the token's background has the 
 each token is written as [e]token, e the expert's index. --routing_html=FILE writes the same as a
 self-contained HTML page.
 """
-import ast
 import html
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import uoe
+from train import UserError, help_text, option_table, parse_options
 
-DEFAULTS = dict(
-    out_dir="out",            # the run folder: ckpt.pt and run.json (whose meta gives the tokenizer)
-    start="\n",               # prompt, or FILE:path
-    num_samples=3,
-    max_new_tokens=200,
-    temperature=0.8,          # < 1 sharper, > 1 more random
-    top_k=200,                # sample among the top_k most likely tokens (None: all)
-    seed=1337,
-    device="cpu",             # cpu, cuda, cuda:1, mps ...
-    show_routing=False,
-    routing_layer=-1,
-    routing_html="",          # write the routed samples to this HTML file
-)
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"           # the run folder: ckpt.pt and run.json (whose meta gives the tokenizer)
+    start: str = "\n"              # prompt, or FILE:path
+    num_samples: int = 3           # samples to draw
+    max_new_tokens: int = 200      # tokens per sample
+    temperature: float = 0.8       # < 1 sharper, > 1 more random
+    top_k: int | None = 200        # sample among the top_k most likely tokens (None: all)
+    seed: int = 1337               # the same seed gives the same text
+    device: str = "cpu"            # cpu, cuda, cuda:1, mps ...
+    show_routing: bool = False     # mark every token with the expert that routed it
+    routing_layer: int = -1        # the layer whose routing is shown (-1: the last)
+    routing_html: str = ""         # write the routed samples to this HTML file
+
+
 # light backgrounds with black text, as xterm 256-colour codes; colours repeat after 16 experts
 PALETTE = [217, 151, 117, 229, 183, 159, 216, 250, 210, 120, 111, 222, 177, 123, 180, 188]
 # (background, foreground) pairs for 16-colour terminals
@@ -47,32 +51,10 @@ PALETTE16 = [(101, 30), (102, 30), (104, 30), (103, 30), (105, 30), (106, 30), (
              (42, 30), (44, 97), (43, 30), (45, 97), (46, 30), (100, 97)]
 
 
-class UserError(Exception):
-    """A problem the user can fix; main() prints it as one `error: ...` line."""
-
-
 def parse(argv):
-    opts = dict(DEFAULTS)
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or key not in opts:
-            raise UserError(f"unknown option {arg.split('=')[0]!r}; options: {' '.join('--' + k for k in opts)}")
-        default = DEFAULTS[key]
-        if not eq and isinstance(default, bool):
-            opts[key] = True
-        elif not eq:
-            raise UserError(f"--{key} needs a value; write --{key}=VALUE")
-        elif isinstance(default, str):
-            opts[key] = value
-        else:
-            try:
-                v = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise UserError(f"--{key}={value} is not a Python literal; e.g. --{key}={default!r}") from None
-            if not (type(v) is type(default) or isinstance(default, float) and type(v) is int
-                    or key == "top_k" and v is None):
-                raise UserError(f"--{key} must be {type(default).__name__}, got {value}")
-            opts[key] = v
+    """The options (train.py's dialect: --key=value, a bare --flag for a boolean, --help), range-checked."""
+    table = option_table([SampleConfig])
+    opts, _ = parse_options(argv, table, help_text(table, __doc__, [("sample.py", SampleConfig)]), "sample.py")
     for key, ok in (("num_samples", opts["num_samples"] >= 1), ("max_new_tokens", opts["max_new_tokens"] >= 0),
                     ("temperature", opts["temperature"] > 0), ("top_k", opts["top_k"] is None or opts["top_k"] >= 1)):
         if not ok:
@@ -252,6 +234,7 @@ def write_html(path, title, pages, n_expert):
         Path(path).write_text(page, encoding="utf-8")
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror}); choose another --routing_html") from None
+
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,9 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -113,10 +115,11 @@ def field_comments(cls):
         return {}
 
 
-def option_table():
-    """name -> (default, allowed types, help) for every training and model option."""
+def option_table(classes=(TrainConfig, GPTConfig)):
+    """name -> (default, allowed types, help) for every field of the option dataclasses (by default
+    train.py's: every training and model option); the help is the field's `# comment`."""
     table = {}
-    for cls in (TrainConfig, GPTConfig):
+    for cls in classes:
         comments = field_comments(cls) | (MODEL_HELP if cls is GPTConfig else {})
         for f in fields(cls):
             default = f.default
@@ -127,7 +130,7 @@ def option_table():
     return table
 
 
-def check_type(name, value, types, text=None):
+def check_type(name, value, types, text=None, program="train.py"):
     """value as the option's type (an int is accepted for a float); text is the raw command-line text."""
     if type(value) in types:
         return value
@@ -137,12 +140,12 @@ def check_type(name, value, types, text=None):
         return text
     allowed = " or ".join("None" if t is type(None) else t.__name__ for t in types)
     raise UserError(f"--{name} expects {allowed}, got {value!r} ({type(value).__name__}); "
-                    "see python train.py --help")
+                    f"see python {program} --help")
 
 
-def unknown_option(name, table):
+def unknown_option(name, table, program="train.py"):
     near = difflib.get_close_matches(name, table, n=3)
-    hint = f"did you mean {' or '.join('--' + n for n in near)}?" if near else "python train.py --help lists them"
+    hint = f"did you mean {' or '.join('--' + n for n in near)}?" if near else f"python {program} --help lists them"
     return UserError(f"unknown option --{name}; {hint}")
 
 
@@ -161,9 +164,9 @@ def read_config_file(path):
             if not k.startswith("_") and not inspect.ismodule(v) and not callable(v)}
 
 
-def help_text(table):
-    lines = [__doc__.strip(), "", "Options (--name=default  what it does):"]
-    for title, cls in (("training", TrainConfig), ("model (uoe.GPTConfig)", GPTConfig)):
+def help_text(table, doc=__doc__, sections=(("training", TrainConfig), ("model (uoe.GPTConfig)", GPTConfig))):
+    lines = [doc.strip(), "", "Options (--name=default  what it does):"]
+    for title, cls in sections:
         lines.append(f"\n{title}:")
         for f in fields(cls):
             default, _, help = table[f.name]
@@ -172,23 +175,31 @@ def help_text(table):
 
 
 def parse_args(argv):
-    """Options from the defaults, then config files (`path` or --config=path), then --key=value.
+    """train.py's options from the defaults, then config files (`path` or --config=path), then --key=value.
     Returns (values, explicit): all option values, and the names the user set."""
     table = option_table()
+    return parse_options(argv, table, help_text(table), "train.py", config_files=True)
+
+
+def parse_options(argv, table, help, program, config_files=False):
+    """The one option dialect of train.py and sample.py: --key=value (a python literal; a bare word is a
+    string), a bare --flag for a boolean, --help, and with config_files python files of assignments.
+    table: option_table(); help: the --help text. Returns (values, explicit): all option values, and the
+    names the user set. Unknown names, wrong types and unparsable arguments are UserErrors."""
     values = {name: default for name, (default, _, _) in table.items()}
     explicit = set()
 
     def assign(name, value, text=None):
         if name not in table:
-            raise unknown_option(name, table)
-        values[name] = check_type(name, value, table[name][1], text)
+            raise unknown_option(name, table, program)
+        values[name] = check_type(name, value, table[name][1], text, program)
         explicit.add(name)
 
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help_text(table))
+            print(help)
             sys.exit(0)
-        if not arg.startswith("-") or arg.startswith("--config="):
+        if config_files and (not arg.startswith("-") or arg.startswith("--config=")):
             for name, value in read_config_file(arg.removeprefix("--config=")).items():
                 assign(name, value)
             continue
@@ -197,7 +208,7 @@ def parse_args(argv):
             if arg.startswith("--") and name in table and bool in table[name][1]:
                 assign(name, True)   # a bare --compile means --compile=True
                 continue
-            raise UserError(f"cannot parse {arg!r}; write options as --key=value (python train.py --help)")
+            raise UserError(f"cannot parse {arg!r}; write options as --key=value (python {program} --help)")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -513,13 +524,16 @@ def banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label):
     total, active = param_counts(cfg)
     experts = f"{cfg.n_expert} experts top-{cfg.top_k}" if cfg.ffn != "dense" else f"FFN width {cfg.expert_hidden}"
     experts += {"grouped": " (experts: grouped GEMM)", "loop": " (experts: loop)", None: ""}[path]
-    mfu = f"; MFU against {peak_label}" if peak else f"; {peak_label}" if peak_label else ""
+    mfu = f"; {peak_label}" if peak_label else ""       # no peak: why there is no MFU
+    if peak:
+        mfu = f"; MFU against {peak_label}"
     return (f"model {cfg.ffn}: {cfg.n_layer} layers x {cfg.n_embd} wide, {experts}; {total / 1e6:.2f}M params, "
             f"{active / 1e6:.2f}M active per token; {tokens_per_step} tokens/step; {system}{mfu}; "
             f"{f'resuming at step {step}' if train.init_from == 'resume' else 'from scratch'}")
 
 
 # -----------------------------------------------------------------------------
+# the run: every check before any work, then the model, optimizer and data stream (fresh or resumed)
 
 def check_run(values, explicit, world, master, ddp):
     """Find everything wrong with the options, out_dir, the checkpoint to resume and the data before any
@@ -577,63 +591,192 @@ def load_optimizer_state(optimizer, state):
         group.update(own)
 
 
-def main(argv):
-    values, explicit = parse_args(argv)
-    ddp = "RANK" in os.environ   # started by torchrun
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
-        else (0, None, 1)
-    master = rank == 0
-    device = resolve_device(values["device"], local_rank)
-    if ddp:
+# -----------------------------------------------------------------------------
+# main's pieces, in the order main uses them: the process, precision, logs, one step of the loop, the end
+
+class Processes(NamedTuple):
+    """This process among the run's: under torchrun one of `world` DDP processes, else the only one."""
+    ddp: bool
+    rank: int
+    local_rank: int | None
+    world: int
+
+    @property
+    def master(self):
+        return self.rank == 0   # the one that evaluates, logs and saves
+
+
+def start_process(device_name):
+    """(this process among the run's, its device); under torchrun it joins the process group."""
+    procs = Processes(False, 0, None, 1)
+    if "RANK" in os.environ:   # started by torchrun
+        procs = Processes(True, *(int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")))
+    device = resolve_device(device_name, procs.local_rank)
+    if procs.ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    train, cfg, ckpt, meta, splits, values = check_run(values, explicit, world, master, ddp)
-    out_dir, ckpt_path = Path(train.out_dir), Path(train.out_dir) / "ckpt.pt"
-    raw_model, optimizer, batch_rng, (step, tokens, best_val) = build(cfg, train, ckpt, device, rank)
-    del ckpt                                    # free the memory of a second copy of the weights
-    use_compile = train.compile if train.compile is not None else device.type == "cuda"
-    compiled = torch.compile(raw_model) if use_compile else raw_model
-    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if ddp else compiled
-    use_bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and device.type == "cuda")
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    peak, peak_label = mfu_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else (None, "")
-    path = expert_path(cfg, device, dtype)
+    return procs, device
+
+
+def precision(train, device):
+    """(compile?, bfloat16?, the autocast context, the dtype the matmuls run in) of this run on device;
+    on CUDA, float32 matmuls may use TF32."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_compile = train.compile if train.compile is not None else device.type == "cuda"
+    use_bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and device.type == "cuda")
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return use_compile, use_bf16, ctx, torch.bfloat16 if use_bf16 else torch.float32
 
-    # batches: the training stream from batch_rng, fixed eval batches from EVAL_SEED
-    micro_steps = train.gradient_accumulation_steps // world   # per process
-    tokens_per_step = train.gradient_accumulation_steps * train.batch_size * cfg.block_size
+
+def fixed_eval_batches(splits, train, block_size):
+    """The start offsets of every evaluation's batches, (eval_iters, batch_size) per split, from EVAL_SEED."""
     eval_rng = np.random.default_rng(EVAL_SEED)
-    eval_starts = {s: eval_rng.integers(0, len(d) - cfg.block_size, size=(train.eval_iters, train.batch_size))
-                   for s, d in splits.items()}
-    flops_token = flops_per_token(cfg)
+    return {s: eval_rng.integers(0, len(d) - block_size, size=(train.eval_iters, train.batch_size))
+            for s, d in splits.items()}
 
+
+def start_logs(out_dir, cfg, train, meta, step):
+    """Write run.json; make metrics.jsonl read as one run (cut back to the checkpoint's step on resume,
+    new on a fresh run); return it opened for appending."""
     metrics_path = out_dir / "metrics.jsonl"
-    if master:
-        write_atomic(out_dir / "run.json", json.dumps({"config": asdict(cfg), "train": asdict(train),
-                                                        "dataset": train.dataset, "meta": meta}, indent=1))
-        if step > 0:
-            truncate_metrics(metrics_path, step)
-        elif metrics_path.exists():
-            metrics_path.unlink()               # a fresh run (with --overwrite) starts a fresh log
-        system = f"{device} {'bfloat16' if use_bf16 else 'float32'}{' compiled' if use_compile else ''}" \
-            f"{f' x {world} processes' if ddp else ''}"
-        print(banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label), flush=True)
-    metrics = open(metrics_path, "a") if master else None
+    write_atomic(out_dir / "run.json", json.dumps({"config": asdict(cfg), "train": asdict(train),
+                                                    "dataset": train.dataset, "meta": meta}, indent=1))
+    if step > 0:
+        truncate_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()               # a fresh run (with --overwrite) starts a fresh log
+    return open(metrics_path, "a")
 
-    def log(record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
 
-    def save(step):
-        save_checkpoint(str(ckpt_path), {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+def write_record(metrics, record):
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+
+
+def describe_system(device, use_bf16, use_compile, procs):
+    return f"{device} {'bfloat16' if use_bf16 else 'float32'}{' compiled' if use_compile else ''}" \
+        f"{f' x {procs.world} processes' if procs.ddp else ''}"
+
+
+def checkpoint(raw_model, optimizer, cfg, train, step, tokens, best_val, batch_rng, meta, device):
+    """Everything a resume needs, as a plain dict of tensors and python data (uoe.save_checkpoint)."""
+    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
             "step": step, "train_config": asdict(train), "best_val_loss": best_val, "version": 1,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "data": {"batch_rng": batch_rng.bit_generator.state, "tokens": tokens,
-                     "meta_vocab_size": meta["vocab_size"]}})
+                     "meta_vocab_size": meta["vocab_size"]}}
+
+
+def evaluate(model, splits, eval_starts, block_size, device, ctx, log, step, tokens, flops_token):
+    """The loss on the fixed eval batches of each split, logged and printed; returns {split: loss}."""
+    losses = estimate_loss(model, splits, eval_starts, block_size, device, ctx)
+    log({"kind": "eval", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens,
+         "train_loss": losses["train"], "val_loss": losses["val"]})
+    print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+    return losses
+
+
+def forward_backward(model, raw_model, batch_rng, data, step, train, block_size, procs, device, ctx):
+    """The gradients of one optimizer step, clipped. Every rank draws the same global batch and takes its
+    micro-batches, so N processes compute exactly what one process with the same global batch computes.
+    Returns [loss, ce, aux, grad norm, stop]: the loss terms are means over the micro-steps of all ranks
+    (the aux loss and routing statistics are each rank's own, over its own tokens, as in any DDP MoE);
+    stop > 0 when any rank got SIGINT/SIGTERM, so that all stop together."""
+    starts = batch_rng.integers(0, len(data) - block_size, size=(train.gradient_accumulation_steps, train.batch_size))
+    micro_steps = train.gradient_accumulation_steps // procs.world   # per process
+    stats = torch.zeros(3, device=device)   # loss, ce, aux: means over this rank's micro-steps
+    for i, micro in enumerate(starts[procs.rank * micro_steps:(procs.rank + 1) * micro_steps]):
+        x, y = get_batch(data, micro, block_size, device)
+        # DDP all-reduces gradients only on the last micro-step
+        with (model.no_sync() if procs.ddp and i < micro_steps - 1 else nullcontext()), ctx:
+            _, loss = model(x, y)
+            if step + 1 == train.debug_nan_step:
+                loss = loss * float("nan")
+        (loss / micro_steps).backward()
+        stats += torch.stack([loss.detach(), raw_model.last_ce, raw_model.last_aux]).float() / micro_steps
+    # the total gradient norm (and clipping) tells at once whether any gradient is NaN/inf
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train.grad_clip or math.inf)
+    stop = torch.tensor([float(STOP["signum"] is not None)], device=device)
+    flags = torch.cat([stats, norm.float().reshape(1), stop])
+    if procs.ddp:
+        dist.all_reduce(flags)
+        flags[:4] /= procs.world
+    return flags.tolist()
+
+
+def count_nonfinite(train, step, loss, norm, skips, ckpt_path, last_ckpt_step, master):
+    """A non-finite loss or gradient at step + 1: with --nonfinite=skip the number of skipped updates in a
+    row; with 'stop', or after max_skips in a row, a UserError (nothing is saved)."""
+    if train.nonfinite == "stop" or skips + 1 >= train.max_skips:
+        where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step}): resume from it"
+                 if last_ckpt_step is not None else "no checkpoint yet: rerun")
+        raise UserError(f"non-finite loss or gradient at step {step + 1} (loss {loss}, grad norm {norm}"
+                        f"{f', {skips + 1} in a row' if skips else ''}); nothing was saved; {where} "
+                        "with a lower --learning_rate, or use --nonfinite=skip")
+    if master:
+        print(f"step {step + 1}: non-finite loss or gradient, update skipped ({skips + 1} in a row)", flush=True)
+    return skips + 1
+
+
+def train_record(raw_model, step, tokens, lr, loss, ce, aux, dt, tok_per_s, mfu, flops_token, device):
+    return {"kind": "train", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens, "lr": lr,
+            "loss": finite_or_none(loss), "ce": finite_or_none(ce), "aux": finite_or_none(aux),
+            "tok_per_s": tok_per_s, "step_ms": 1000 * dt, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device),
+            "routing": raw_model.routing_summary()}
+
+
+def progress_line(step, train, loss, lr, dt, tok_per_s, mfu, eta):
+    return (f"step {step}/{train.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step | "
+            f"{tok_per_s / 1e3:.1f}k tok/s{f' | mfu {100 * mfu:.1f}%' if mfu else ''} | ETA {fmt_time(eta)}")
+
+
+def stop_message(signum, step, ckpt_path, values, explicit, procs):
+    """Where a run stopped by a signal stopped, and how to resume it."""
+    launcher = f"torchrun --standalone --nproc_per_node={procs.world} train.py" if procs.ddp else "python train.py"
+    again = " ".join(f"--{k}={values[k]}" for k in ("data_dir", "out_dir", "device") if k in explicit)
+    return (f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {ckpt_path}; "
+            f"resume with: {launcher} {again + ' ' if again else ''}--init_from=resume")
+
+
+def finish(metrics, train, out_dir, step, t_start, last_eval, ckpt_path):
+    metrics.close()
+    if train.plot:   # the run's figures into out_dir (plot.py; imported here: matplotlib is slow to load)
+        try:
+            import plot
+            plot.plot_run(str(out_dir))
+        except Exception as e:    # a figure must never cost the finished run
+            print(f"warning: plotting failed ({type(e).__name__}: {e})", file=sys.stderr)
+    print(f"done: {step} steps in {fmt_time(time.time() - t_start)}; final train loss {last_eval['train']:.4f}, "
+          f"val loss {last_eval['val']:.4f}; checkpoint {ckpt_path}", flush=True)
+
+
+def main(argv):
+    values, explicit = parse_args(argv)
+    procs, device = start_process(values["device"])
+    master = procs.master
+    train, cfg, ckpt, meta, splits, values = check_run(values, explicit, procs.world, master, procs.ddp)
+    out_dir, ckpt_path = Path(train.out_dir), Path(train.out_dir) / "ckpt.pt"
+    raw_model, optimizer, batch_rng, (step, tokens, best_val) = build(cfg, train, ckpt, device, procs.rank)
+    del ckpt                                    # free the memory of a second copy of the weights
+    use_compile, use_bf16, ctx, dtype = precision(train, device)
+    compiled = torch.compile(raw_model) if use_compile else raw_model
+    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if procs.ddp else compiled
+    peak, peak_label = mfu_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else (None, "")
+    path = expert_path(cfg, device, dtype)
+    # batches: the training stream from batch_rng, fixed eval batches from EVAL_SEED
+    tokens_per_step = train.gradient_accumulation_steps * train.batch_size * cfg.block_size
+    eval_starts = fixed_eval_batches(splits, train, cfg.block_size)
+    flops_token = flops_per_token(cfg)
+    metrics = start_logs(out_dir, cfg, train, meta, step) if master else None
+    if master:
+        system = describe_system(device, use_bf16, use_compile, procs)
+        print(banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label), flush=True)
+    log = partial(write_record, metrics)
+
+    def save(step):
+        save_checkpoint(str(ckpt_path), checkpoint(raw_model, optimizer, cfg, train, step, tokens, best_val,
+                                                   batch_rng, meta, device))
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -641,99 +784,56 @@ def main(argv):
     last_ckpt_step = step if train.init_from == "resume" else None
     t_start = time.time()
     while True:
+        # evaluation and checkpoint, at the step's start (rank 0)
         done = step >= train.max_iters
         if master and (step % train.eval_interval == 0 or done):
-            losses = estimate_loss(compiled, splits, eval_starts, cfg.block_size, device, ctx)
-            best_val = min(best_val, losses["val"])
-            last_eval = losses
-            log({"kind": "eval", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens,
-                 "train_loss": losses["train"], "val_loss": losses["val"]})
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+            last_eval = evaluate(compiled, splits, eval_starts, cfg.block_size, device, ctx, log, step, tokens,
+                                 flops_token)
+            best_val = min(best_val, last_eval["val"])
         unsaved = step > start_step or train.init_from == "scratch"   # this step's state is not in ckpt.pt
         due = step > start_step and step % (train.ckpt_interval or train.eval_interval) == 0
         if master and unsaved and (due or done):
             save(step)
             last_ckpt_step = step
+        # termination conditions
         if done:
             break
         t0 = time.time()                        # step_ms times the step alone, not evals or saves
 
-        # one optimizer step: every rank draws the same global batch and takes its micro-batches,
-        # so N processes compute exactly what one process with the same global batch computes
+        # forward backward update, with the non-finite policy
         lr = get_lr(step, train)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        starts = batch_rng.integers(0, len(splits["train"]) - cfg.block_size,
-                                    size=(train.gradient_accumulation_steps, train.batch_size))
-        stats = torch.zeros(3, device=device)   # loss, ce, aux: means over this rank's micro-steps
-        for i, micro in enumerate(starts[rank * micro_steps:(rank + 1) * micro_steps]):
-            x, y = get_batch(splits["train"], micro, cfg.block_size, device)
-            # DDP all-reduces gradients only on the last micro-step
-            with (model.no_sync() if ddp and i < micro_steps - 1 else nullcontext()), ctx:
-                _, loss = model(x, y)
-                if step + 1 == train.debug_nan_step:
-                    loss = loss * float("nan")
-            (loss / micro_steps).backward()
-            stats += torch.stack([loss.detach(), raw_model.last_ce, raw_model.last_aux]).float() / micro_steps
-        # the total gradient norm (and clipping) tells at once whether any gradient is NaN/inf
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train.grad_clip or math.inf)
-        stop = torch.tensor([float(STOP["signum"] is not None)], device=device)
-        flags = torch.cat([stats, norm.float().reshape(1), stop])
-        # (the aux loss and routing statistics are each rank's own, over its own tokens, as in any DDP MoE)
-        if ddp:   # mean loss over ranks; every rank learns of a signal on any rank, so all stop together
-            dist.all_reduce(flags)
-            flags[:4] /= world
-        loss_v, ce_v, aux_v, norm_v, stop_v = flags.tolist()
-        if math.isfinite(loss_v) and math.isfinite(norm_v):
+        loss, ce, aux, norm, stop = forward_backward(model, raw_model, batch_rng, splits["train"], step, train,
+                                                     cfg.block_size, procs, device, ctx)
+        if math.isfinite(loss) and math.isfinite(norm):
             optimizer.step()
             skips = 0
         else:
-            if train.nonfinite == "stop" or skips + 1 >= train.max_skips:
-                where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step}): resume from it"
-                         if last_ckpt_step is not None else "no checkpoint yet: rerun")
-                raise UserError(f"non-finite loss or gradient at step {step + 1} (loss {loss_v}, grad norm {norm_v}"
-                                f"{f', {skips + 1} in a row' if skips else ''}); nothing was saved; {where} "
-                                "with a lower --learning_rate, or use --nonfinite=skip")
-            skips += 1
-            if master:
-                print(f"step {step + 1}: non-finite loss or gradient, update skipped ({skips} in a row)", flush=True)
+            skips = count_nonfinite(train, step, loss, norm, skips, ckpt_path, last_ckpt_step, master)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += tokens_per_step
 
+        # timing and logging
         now = time.time()
         dt = now - t0
         if master and step % train.log_interval == 0:
             tok_per_s = tokens_per_step / dt
-            mfu = 3 * flops_token * tok_per_s / (peak * world) if peak else None
-            log({"kind": "train", "step": step, "tokens": tokens, "flops": 3 * flops_token * tokens, "lr": lr,
-                 "loss": finite_or_none(loss_v), "ce": finite_or_none(ce_v), "aux": finite_or_none(aux_v),
-                 "tok_per_s": tok_per_s, "step_ms": 1000 * dt, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device),
-                 "routing": raw_model.routing_summary()})
+            mfu = 3 * flops_token * tok_per_s / (peak * procs.world) if peak else None
+            log(train_record(raw_model, step, tokens, lr, loss, ce, aux, dt, tok_per_s, mfu, flops_token, device))
             eta = (now - t_start) / (step - start_step) * (train.max_iters - step)
-            print(f"step {step}/{train.max_iters} | loss {loss_v:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms/step | "
-                  f"{tok_per_s / 1e3:.1f}k tok/s{f' | mfu {100 * mfu:.1f}%' if mfu else ''} | ETA {fmt_time(eta)}",
-                  flush=True)
-        if stop_v > 0:
+            print(progress_line(step, train, loss, lr, dt, tok_per_s, mfu, eta), flush=True)
+        # a signal on any rank: save and exit 128 + signal number
+        if stop > 0:
             signum = STOP["signum"] or signal.SIGTERM
             if master:
                 save(step)
-                launcher = f"torchrun --standalone --nproc_per_node={world} train.py" if ddp else "python train.py"
-                again = " ".join(f"--{k}={values[k]}" for k in ("data_dir", "out_dir", "device") if k in explicit)
-                print(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {ckpt_path}; "
-                      f"resume with: {launcher} {again + ' ' if again else ''}--init_from=resume", flush=True)
+                print(stop_message(signum, step, ckpt_path, values, explicit, procs), flush=True)
             return 128 + signum
 
     if master:
-        metrics.close()
-        if train.plot:   # the run's figures into out_dir (plot.py; imported here: matplotlib is slow to load)
-            try:
-                import plot
-                plot.plot_run(str(out_dir))
-            except Exception as e:    # a figure must never cost the finished run
-                print(f"warning: plotting failed ({type(e).__name__}: {e})", file=sys.stderr)
-        print(f"done: {step} steps in {fmt_time(time.time() - t_start)}; final train loss {last_eval['train']:.4f}, "
-              f"val loss {last_eval['val']:.4f}; checkpoint {ckpt_path}", flush=True)
+        finish(metrics, train, out_dir, step, t_start, last_eval, ckpt_path)
     return 0
 
 

@@ -2,10 +2,14 @@
 Union-of-Experts (UoE) in one file: a GPT whose feed-forward network is dense, a routed
 top-k MoE, Autonomy-of-Experts (AoE) or Union-of-Experts, selected by `GPTConfig.ffn`.
 
-Read top to bottom: config, attention, the dense FFN and the routing helpers, the expert
-dispatch shared by the routed FFNs (a readable loop, and grouped GEMMs for speed), the routed
-FFNs moe, aoe, uoe (each maps to a section of METHOD.md), the GPT, then accounting
-(params/FLOPs) and checkpoints.
+Read top to bottom; the sections, in the file's order:
+  1. GPTConfig: every model option, validated
+  2. attention (nanoGPT's) and swiglu, the FFN that every expert is
+  3. the FFNs: DenseFFN, then the routing helpers (load balance loss, float32 routing matmul, norms)
+  4. the expert dispatch shared by the routed FFNs (a readable loop, and grouped GEMMs for speed)
+  5. the routed FFNs MoEFFN, AoEFFN, UoEFFN (each maps to a section of METHOD.md)
+  6. the transformer Block, the GPT, and its routing statistics
+  7. accounting (params/FLOPs, match_config), 8. checkpoints, 9. the table `python uoe.py` prints
 Section numbers (§) refer to METHOD.md, the project's specification.
 
 Shapes: B batch, T time, C = n_embd (d), N = B*T tokens, E = n_expert (n), K = top_k,
@@ -16,6 +20,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -95,7 +100,7 @@ class GPTConfig:
 
 
 # -----------------------------------------------------------------------------
-# Attention and the transformer block: nanoGPT's, with F.scaled_dot_product_attention.
+# Attention (nanoGPT's, with F.scaled_dot_product_attention) and SwiGLU.
 
 class CausalSelfAttention(nn.Module):
 
@@ -115,6 +120,13 @@ class CausalSelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class SwiGLUWeights(NamedTuple):
+    """The three matrices of a SwiGLU FFN (§1); in dispatch, stacked over experts (E, ...)."""
+    gate: torch.Tensor   # W_g (C, D)
+    up: torch.Tensor     # W_p (C, D)
+    down: torch.Tensor   # W_o (D, C)
 
 
 def swiglu(x, w_gate, w_up, w_down, mm=torch.matmul):
@@ -223,7 +235,8 @@ def dispatch(x, topk_idx, gates, expert_fn, weights, extra=None, path="loop"):
     block of its tokens; expert_fn(x, w, extra, mm) computes an expert on its block, with `mm` as
     its matmul; the outputs are scaled by their gates and summed back per token with index_add_
     (Mixtral-style, §2).
-    x: (N, C); topk_idx, gates: (N, K); weights: a tuple of expert-stacked (E, ...) tensors;
+    x: (N, C); topk_idx, gates: (N, K); weights: a NamedTuple of expert-stacked (E, ...) tensors
+    (expert_fn gets the same kind, with one expert's tensors in the loop, all of them when grouped);
     extra: optional (N, E, X) per-(token, expert) inputs that scoring already computed (AoE's
     C_i, UoE's routing activations): reused, not recomputed. path: "loop" or "grouped"
     (resolve_expert_path); both give the same result up to rounding.
@@ -254,7 +267,7 @@ def dispatch_loop(x, topk_idx, gates, expert_fn, weights, extra=None):
     counts = torch.bincount(flat_expert, minlength=E).tolist()   # tokens per expert (host sync)
     x_e = x[token].split(counts)                                 # E blocks (n_e, C); n_e may be 0
     extra_e = [None] * E if extra is None else extra[token, flat_expert[order]].split(counts)  # (n_e, X)
-    weights_e = list(zip(*(w.unbind(0) for w in weights)))       # E tuples: one expert's weights
+    weights_e = [type(weights)(*one) for one in zip(*(w.unbind(0) for w in weights))]   # E: each expert's
     y_sorted = torch.cat([expert_fn(x_e[e], weights_e[e], extra_e[e], torch.matmul) for e in range(E)])  # (N*K, C)
     y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
     return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
@@ -280,7 +293,7 @@ def dispatch_grouped(x, topk_idx, gates, expert_fn, weights, extra=None):
 
     x_sorted = x.to(dtype)[token]                                # (N*K, C)
     extra_sorted = None if extra is None else extra[token, sorted_expert].to(dtype)  # (N*K, X)
-    weights = tuple(w.to(dtype).contiguous() for w in weights)   # (E, X, Y) each, 16-byte aligned rows
+    weights = type(weights)(*(w.to(dtype).contiguous() for w in weights))   # (E, X, Y) each, aligned rows
     y_sorted = expert_fn(x_sorted, weights, extra_sorted, mm)    # (N*K, C)
     y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
     return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
@@ -308,7 +321,7 @@ class MoEFFN(nn.Module):
             self.shared_down = nn.Parameter(torch.empty(S * D, C))
 
     def expert(self, x, w, _, mm):
-        return swiglu(x, *w, mm=mm)                                # w: (W_g, W_p, W_o), see dispatch
+        return swiglu(x, w.gate, w.up, w.down, mm=mm)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -317,7 +330,8 @@ class MoEFFN(nn.Module):
         top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, K)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
         path = resolve_expert_path(self.config, x.device, compute_dtype(x))
-        y = dispatch(x, topk_idx, gates, self.expert, (self.w_gate, self.w_up, self.w_down), path=path)
+        weights = SwiGLUWeights(self.w_gate, self.w_up, self.w_down)
+        y = dispatch(x, topk_idx, gates, self.expert, weights, path=path)
         if hasattr(self, "shared_gate"):
             y = y + swiglu(x, self.shared_gate, self.shared_up, self.shared_down)
         self.aux_loss = load_balance_loss(logits, topk_idx)
@@ -341,8 +355,7 @@ class AoEFFN(nn.Module):
         self.w_down = nn.Parameter(torch.empty(E, D, C))
 
     def expert(self, x, w, c, mm):
-        w_gate_b, w_up, w_down = w                                 # B_i, W_p^i, W_o^i
-        return mm(F.silu(mm(c, w_gate_b)) * mm(x, w_up), w_down)
+        return mm(F.silu(mm(c, w.gate)) * mm(x, w.up), w.down)    # w.gate: B_i (C_i = x A_i is given)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -353,89 +366,138 @@ class AoEFFN(nn.Module):
         top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
         gates = F.softmax(top_s, dim=-1)
         path = resolve_expert_path(self.config, x.device, compute_dtype(x))
-        y = dispatch(x, topk_idx, gates, self.expert, (self.w_gate_b, self.w_up, self.w_down),
+        y = dispatch(x, topk_idx, gates, self.expert, SwiGLUWeights(self.w_gate_b, self.w_up, self.w_down),
                      extra=c.to(x.dtype), path=path)                # the chosen experts reuse C_i
         self.aux_loss = load_balance_loss(scores, topk_idx)
         self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
         return y.view(B, T, C)
 
 
+class UoEVariant(NamedTuple):
+    """What the §3 switches (uoe_output, vse, route_score) change, decided in one place: uoe_variant."""
+    score_of: str              # the routing quantity whose norm is the score: "a", "pre" or "h" (RoutingActivations)
+    vse: bool                  # add the virtual shared expert
+    routed_includes_R: bool    # the chosen experts output g_i (R_i + Q_i), not g_i Q_i ("twice", or no VSE)
+    hidden_for_all: bool       # the routing neurons' full hidden a_i * x W_p^i is computed for all experts
+
+
+def uoe_variant(config):
+    return UoEVariant(score_of={"silu": "a", "pre": "pre", "swiglu": "h"}[config.route_score], vse=config.vse,
+                      routed_includes_R=config.uoe_output == "twice" or not config.vse,
+                      hidden_for_all=config.vse or config.route_score == "swiglu")
+
+
+class RoutingActivations(NamedTuple):
+    """The routing neurons of all experts on every token, each (N, E, R)."""
+    pre: torch.Tensor          # x W_g^i[:, :R], in >= float32 (§4 precision)
+    a: torch.Tensor            # SiLU(pre): the routing activations a_i
+    h: torch.Tensor | None     # a_i * x W_p^i[:, :R], the routing neurons' hidden (None unless hidden_for_all)
+
+    @property
+    def hidden(self):
+        """What the VSE and the chosen experts' R_i reuse: h, or a where h was not needed (R_i finishes it)."""
+        return self.a if self.h is None else self.h
+
+
+class UoEExpertWeights(NamedTuple):
+    """What dispatch hands to UoEFFN.expert with routed_includes_R, stacked over experts: Q_i's units
+    R..D-1 and the routing units' W_p and W_o (R_i). Without it, Q_i's alone, as SwiGLUWeights."""
+    gate: torch.Tensor                 # W_g^i[:, R:]  (E, C, D-R)
+    up: torch.Tensor                   # W_p^i[:, R:]  (E, C, D-R)
+    down: torch.Tensor                 # W_o^i[R:]     (E, D-R, C)
+    routing_up: torch.Tensor           # W_p^i[:, :R]  (E, C, R)
+    routing_down: torch.Tensor         # W_o^i[:R]     (E, R, C)
+
+
 class UoEFFN(nn.Module):
     """§3 Union-of-Experts. Hidden units [0, R) of every expert are its routing neurons:
     all experts compute them for every token (one dense matmul); their activation intensity
     ||a_i|| is the routing score; the top-K experts compute their remaining units [R, D).
-    The routing neurons of all experts together form the virtual shared expert (VSE)."""
+    The routing neurons of all experts together form the virtual shared expert (VSE).
+    The ablation switches act only through self.variant (uoe_variant)."""
 
     def __init__(self, config):
         super().__init__()
         C, E, D = config.n_embd, config.n_expert, config.expert_hidden
         self.config, self.top_k, self.R, self.p = config, config.top_k, config.n_routing, config.route_norm
+        self.variant = uoe_variant(config)
         self.aux_loss = None                   # set by forward (see MoEFFN)
-        self.vse, self.route_score = config.vse, config.route_score
-        # the chosen experts output g_i (R_i + Q_i) instead of g_i Q_i ("twice", or no VSE)
-        self.routed_includes_R = config.uoe_output == "twice" or not config.vse
-        # the routing neurons' full hidden a_i * x W_p^i is needed for all experts
-        self.hidden_for_all = config.vse or config.route_score == "swiglu"
         self.w_gate = nn.Parameter(torch.empty(E, C, D))
         self.w_up = nn.Parameter(torch.empty(E, C, D))
         self.w_down = nn.Parameter(torch.empty(E, D, C))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(-1, C)                                       # (N, C)
+        routing = self.routing_activations(x)                      # (N, E, R) each
+        scores = route_norm(getattr(routing, self.variant.score_of), self.p)   # (N, E) activation intensity
+        top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
+        gates = F.softmax(top_s, dim=-1)
+        hidden = routing.hidden.to(x.dtype)                        # (N, E, R) reused by the VSE and "twice"
+        routed = self.chosen_experts(x, topk_idx, gates, hidden)   # sum over the chosen i of g_i Q_i(x), (N, C)
+        self.aux_loss = load_balance_loss(scores, topk_idx)
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
+        if not self.variant.vse:
+            return routed.view(B, T, C)
+        virtual_shared_expert = self.virtual_shared_expert(hidden)   # (N, C)
+        self.last_routing["vse_norm"] = virtual_shared_expert.detach().norm(dim=-1)
+        self.last_routing["routed_norm"] = routed.detach().norm(dim=-1)
+        return (virtual_shared_expert + routed).view(B, T, C)
 
     def routing_neurons(self, w):
         """Stack the routing columns of all experts: (E, C, D) -> (C, E*R), one matmul for all."""
         E, C, _ = w.shape
         return w[:, :, :self.R].transpose(0, 1).reshape(C, E * self.R)
 
-    def expert(self, x, w, h, mm):
-        """Q_i(x) of one expert (its units R..D-1); with routed_includes_R plus R_i(x), from the
-        routing hidden h computed during scoring (a_i*xW_p if available, else a_i: finish it)."""
-        y = swiglu(x, *w[:3], mm=mm)                               # Q_i(x), (n, C)
-        if self.routed_includes_R:
-            w_up_r, w_down_r = w[3:]                               # see expert_weights
-            h_r = h if self.hidden_for_all else h * mm(x, w_up_r)  # (n, R)
-            y = y + mm(h_r, w_down_r)                              # + R_i(x)
-        return y
-
-    def expert_weights(self):
-        """The weights dispatch hands to expert(), stacked over experts: the units R..D-1 (Q_i),
-        and with routed_includes_R the routing units' W_p and W_o (R_i). Slicing the stacked
-        tensors once, rather than each expert's, keeps backward at one copy per tensor."""
-        R = self.R
-        q = (self.w_gate[:, :, R:], self.w_up[:, :, R:], self.w_down[:, R:])   # (E, C, D-R), .., (E, D-R, C)
-        r = (self.w_up[:, :, :R], self.w_down[:, :R])                          # (E, C, R), (E, R, C)
-        return q + r if self.routed_includes_R else q
-
-    def forward(self, x):
-        B, T, C = x.shape
+    def routing_activations(self, x):
+        """x (N, C) through the routing neurons of all experts: pre, a, and h where hidden_for_all needs it."""
         E, R = self.w_gate.shape[0], self.R
-        x = x.reshape(-1, C)                                       # (N, C)
         pre = routing_matmul(x, self.routing_neurons(self.w_gate)).view(-1, E, R)  # x W_g^i[:, :R], (N, E, R)
         a = F.silu(pre)                                            # routing activations a_i, >= float32
         h = None
-        if self.hidden_for_all:   # x W_p^i[:, :R] in >= float32 only where the score depends on it
-            up_matmul = routing_matmul if self.route_score == "swiglu" else torch.matmul
+        if self.variant.hidden_for_all:   # x W_p^i[:, :R] in >= float32 only where the score depends on it
+            up_matmul = routing_matmul if self.variant.score_of == "h" else torch.matmul
             h = a * up_matmul(x, self.routing_neurons(self.w_up)).view(-1, E, R)   # (N, E, R)
-        score_of = {"silu": a, "pre": pre, "swiglu": h}[self.route_score]   # §3 route_score
-        scores = route_norm(score_of, self.p)                      # (N, E) activation intensity
-        top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
-        gates = F.softmax(top_s, dim=-1)
-        hidden = (h if self.hidden_for_all else a).to(x.dtype)     # what the VSE and "twice" reuse
-        extra = hidden if self.routed_includes_R else None
+        return RoutingActivations(pre, a, h)
+
+    def chosen_experts(self, x, topk_idx, gates, hidden):
+        """sum over the chosen i of g_i Q_i(x), or of g_i (R_i(x) + Q_i(x)) with routed_includes_R, which
+        reuses the routing hidden units (N, E, R) computed during scoring."""
+        extra = hidden if self.variant.routed_includes_R else None
         path = resolve_expert_path(self.config, x.device, compute_dtype(x))
-        routed = dispatch(x, topk_idx, gates, self.expert, self.expert_weights(), extra=extra, path=path)  # (N, C)
-        self.aux_loss = load_balance_loss(scores, topk_idx)
-        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
-        if not self.vse:
-            return routed.view(B, T, C)
-        # VSE(x) = sum_i R_i(x): an ordinary SwiGLU of width E*R made of the routing neurons
-        w_down_r = self.w_down[:, :R, :].reshape(E * R, C)
-        virtual_shared_expert = hidden.reshape(-1, E * R) @ w_down_r   # (N, C)
-        self.last_routing["vse_norm"] = virtual_shared_expert.detach().norm(dim=-1)
-        self.last_routing["routed_norm"] = routed.detach().norm(dim=-1)
-        return (virtual_shared_expert + routed).view(B, T, C)
+        return dispatch(x, topk_idx, gates, self.expert, self.expert_weights(), extra=extra, path=path)
+
+    def expert(self, x, w, h, mm):
+        """Q_i(x) of one expert (its units R..D-1); with routed_includes_R plus R_i(x), from the
+        routing hidden h computed during scoring (a_i*xW_p if available, else a_i: finish it)."""
+        y = swiglu(x, w.gate, w.up, w.down, mm=mm)                 # Q_i(x), (n, C)
+        if self.variant.routed_includes_R:
+            h_r = h if self.variant.hidden_for_all else h * mm(x, w.routing_up)   # (n, R)
+            y = y + mm(h_r, w.routing_down)                        # + R_i(x)
+        return y
+
+    def expert_weights(self):
+        """UoEExpertWeights of all experts. Slicing the stacked tensors once, rather than each expert's,
+        keeps backward at one copy per tensor."""
+        R = self.R
+        q = (self.w_gate[:, :, R:], self.w_up[:, :, R:], self.w_down[:, R:])
+        if not self.variant.routed_includes_R:
+            return SwiGLUWeights(*q)
+        return UoEExpertWeights(*q, routing_up=self.w_up[:, :, :R], routing_down=self.w_down[:, :R])
+
+    def virtual_shared_expert(self, hidden):
+        """VSE(x) = sum_i R_i(x): an ordinary SwiGLU of width E*R made of the routing neurons (§3);
+        hidden: a_i * x W_p^i of all experts, (N, E, R)."""
+        E, _, C = self.w_down.shape
+        w_down_r = self.w_down[:, :self.R, :].reshape(E * self.R, C)
+        return hidden.reshape(-1, E * self.R) @ w_down_r           # (N, C)
 
 
 FFN_CLASSES = {"dense": DenseFFN, "moe": MoEFFN, "aoe": AoEFFN, "uoe": UoEFFN}
 
+
+# -----------------------------------------------------------------------------
+# The transformer block (nanoGPT's, with one of the FFNs), the GPT, and its routing statistics (§6)
 
 class Block(nn.Module):
 
@@ -451,9 +513,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp_dropout(self.mlp(self.ln_2(x)))
 
-
-# -----------------------------------------------------------------------------
-# The GPT
 
 class GPT(nn.Module):
 
@@ -577,8 +636,7 @@ def ffn_breakdown(config):
         return dict(params=E * C * L + E * L * D + 2 * E * C * D,
                     scoring=E * C * L, shared=0, experts=K * (L * D + 2 * C * D))
     R = config.n_routing
-    hidden_for_all = config.vse or config.route_score == "swiglu"
-    routed_includes_R = config.uoe_output == "twice" or not config.vse
+    hidden_for_all, routed_includes_R = uoe_variant(config).hidden_for_all, uoe_variant(config).routed_includes_R
     scoring = E * C * R * (2 if config.route_score == "swiglu" else 1)   # x W_g (and x W_p) of routing neurons
     shared = E * C * R * (1 if config.vse and config.route_score != "swiglu" else 0) \
         + (E * R * C if config.vse else 0)                                 # VSE's x W_p and W_o
@@ -708,6 +766,7 @@ def model_from_checkpoint(ckpt):
 
 
 # -----------------------------------------------------------------------------
+# The table `python uoe.py` prints (§5)
 
 def report(configs):
     """A markdown table of parameters and forward FLOPs per token for named configs."""

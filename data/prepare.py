@@ -70,7 +70,8 @@ def find_bpe_dir(bpe_dir=None):
         if (Path(d) / "encoder.json").is_file() and (Path(d) / "vocab.bpe").is_file():
             return str(Path(d).resolve())
         if explicit:  # a folder the user named must hold the files
-            raise DataError(f"{d} lacks encoder.json and vocab.bpe; point --bpe_dir or UOE_BPE_DIR at GPT-2's BPE files")
+            raise DataError(f"{d} lacks encoder.json and vocab.bpe; point --bpe_dir or UOE_BPE_DIR at GPT-2's "
+                            "BPE files")
     return None
 
 
@@ -83,7 +84,8 @@ def gpt2_encoding(bpe_dir):
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline: requests ConnectionError, OSError, ...
             raise DataError(f"no local GPT-2 BPE files and tiktoken could not download them ({type(e).__name__}); "
-                            "put encoder.json and vocab.bpe in a folder and pass --bpe_dir or set UOE_BPE_DIR") from None
+                            "put encoder.json and vocab.bpe in a folder and pass --bpe_dir or set "
+                            "UOE_BPE_DIR") from None
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     try:
         from tiktoken_ext.openai_public import r50k_pat_str as pat  # the exact pattern of this tiktoken version
@@ -120,7 +122,8 @@ def read_meta(data_dir):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({type(e).__name__}); run python data/prepare.py for this dataset") from None
+        raise DataError(f"cannot read {path} ({type(e).__name__}); run python data/prepare.py for this "
+                        "dataset") from None
 
 
 def get_tokenizer(meta, bpe_dir=None):
@@ -170,7 +173,8 @@ def text_files(path, check_empty=True):
                         and not any(part.startswith(".") for part in p.relative_to(path).parts)),
                        key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in {path}; give a folder that has some")
+            raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in {path}; give a folder that "
+                            "has some")
     if check_empty and sum(p.stat().st_size for p in files) == 0:
         raise DataError(f"{path} is empty (no text); give a file or folder with text in it")
     return files
@@ -251,7 +255,8 @@ def read_pieces(files, chunk_chars):
                     owed, last = False, piece
                     yield piece
         except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) or remove it") from None
+            raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) or "
+                            "remove it") from None
         owed = owed or (last != "" and not last.endswith("\n"))
 
 

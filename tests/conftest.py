@@ -1,4 +1,10 @@
+"""Fixtures and helpers shared by the test files (`from conftest import ...`): the tiny training options,
+the train.py launcher, and readers of a run's metrics.jsonl."""
+import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -7,6 +13,63 @@ import torch
 # the tests import the project's top-level modules (uoe, train, ...) from the repo root
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# a tiny model: every train.py run in the tests takes a few seconds on 2 CPU cores, most of it importing torch
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--block_size=32", "--batch_size=8",
+        "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # tiny models: one thread is as fast, and runs can overlap
+# first on every command line, so that a test's own later --device wins: CPU even where CUDA exists (train.py's
+# default is cuda when available), for exact float32 results and a gloo DDP that never asks for cuda:1
+TRAIN = [sys.executable, str(REPO / "train.py"), "--device=cpu"]
+
+
+def start_train(*args, **popen):
+    """train.py with args, started (a Popen; stdout and stderr piped as text unless popen says otherwise)."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([*TRAIN, *map(str, args)], env=ENV, **popen)
+
+
+def run_train(*args, check=True, cwd=None):
+    """train.py with args, to the end (a CompletedProcess); with check, a failure is an AssertionError."""
+    p = subprocess.run([*TRAIN, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def records(out_dir, kind="train", cut_ok=False):
+    """The records of one kind in out_dir/metrics.jsonl; cut_ok: skip a line a kill cut short."""
+    out = []
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if not cut_ok:
+                raise
+            continue
+        if rec["kind"] == kind:
+            out.append(rec)
+    return out
+
+
+def losses(out_dir, cut_ok=False):
+    """{step: loss} of the train records in out_dir/metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in records(out_dir, cut_ok=cut_ok)}
+
+
+def wait_for_step(proc, out_dir, step, timeout=120):
+    """Wait until the run in out_dir has logged the train record of `step` (and so has checkpointed before it,
+    where a checkpoint was due)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if max(losses(out_dir, cut_ok=True), default=0) >= step:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"no step {step} in {timeout} s")
 
 
 @pytest.fixture(scope="session", autouse=True)

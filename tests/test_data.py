@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import data.prepare as prep  # noqa: E402
+import data.prepare as prep
+from conftest import REPO
 
 # whitespace runs, \r\n, contractions, digits, non-ASCII: the cases where a careless chunk cut changes BPE ids
 TRICKY = "a  \n\n\n  b\t\r\nit's 12345 x  \n \u00a0y\u3000z 中文。\n\n  \n'll  done   "
@@ -38,7 +37,7 @@ def load(out_dir):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), *map(str, args)],
+    return subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -293,7 +292,8 @@ def _error_cases(tmp):
         "empty": (["--input", tmp / "empty.txt", "--name", "x"], "is empty"),
         "not_utf8": (["--input", tmp / "latin1.txt", "--name", "x"], "latin1.txt is not UTF-8"),
         "no_text_files": (["--input", tmp / "nontext", "--name", "x"], "no text files"),
-        "unwritable_out_dir": (["--input", small, "--name", "x", "--tokenizer", "char", "--out_dir", tmp / "afile" / "o"],
+        "unwritable_out_dir": (["--input", small, "--name", "x", "--tokenizer", "char",
+                                "--out_dir", tmp / "afile" / "o"],
                                "cannot write"),
         "empty_val": (["--input", tmp / "tiny.txt", "--name", "x", "--tokenizer", "char"], "empty val split"),
         "unknown_dataset": (["nosuch"], "unknown dataset 'nosuch'"),

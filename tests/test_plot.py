@@ -15,9 +15,9 @@ import torch
 
 import plot
 import uoe
+from conftest import REPO
 from uoe import GPT, GPTConfig
 
-REPO = Path(__file__).resolve().parent.parent
 TEXT = "the quick brown fox jumps over the lazy dog.\nA bad cat sat on a mat; " * 120
 SIZES = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=2, expert_hidden=32)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,51 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ENV, REPO, TINY, losses, run_train, start_train, wait_for_step
 from uoe import load_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--block_size=32", "--batch_size=8",
-        "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2",
-        "--lr_decay_iters=40"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-CPU = ["--device=cpu"]   # first on every command line (a case's own --device wins): CPU even where CUDA exists
-
-
-def start(*args):
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *CPU, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+TINY = TINY + ["--lr_decay_iters=40"]
 
 
 def run(*args):
-    proc = start(*args)
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
-
-
-def train_steps(out_dir):
-    """{step: loss} of the complete train records in out_dir/metrics.jsonl."""
-    steps = {}
-    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue                 # the line a kill cut short
-        if rec["kind"] == "train":
-            steps[rec["step"]] = rec["loss"]
-    return steps
-
-
-def wait_for_step(proc, out_dir, step, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            if max(train_steps(out_dir), default=0) >= step:
-                return
-        except FileNotFoundError:
-            pass
-        time.sleep(0.01)
-    raise AssertionError(f"no step {step} in {timeout} s")
+    """(exit code, stdout, stderr) of train.py with args."""
+    p = run_train(*args, check=False)
+    return p.returncode, p.stdout, p.stderr
 
 
 def assert_loadable_and_finite(path):
@@ -184,7 +149,7 @@ def bad_input_results(data, trained, tmp_path_factory):
     for case_id, _, setup in BAD_INPUTS:
         ws = Workspace(tmp_path_factory.mktemp(case_id), data, trained)
         extra = setup(ws)
-        argv = [*CPU, *TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={ws.out}", "--max_iters=3", *extra]
+        argv = ["--device=cpu", *TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={ws.out}", "--max_iters=3", *extra]
         workspaces[case_id] = (ws, sha(ws.out / "ckpt.pt"))
         cases.append(argv)
     p = subprocess.run([sys.executable, "-c", DRIVER, str(REPO)], input=json.dumps(cases), capture_output=True,
@@ -215,7 +180,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_no_checkpoint(bad_input_res
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_save_a_final_checkpoint_and_exit_cleanly(data, tmp_path, sig):
     out = tmp_path / "out"
-    proc = start(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=1000",
+    proc = start_train(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=1000",
                  "--eval_interval=1000")        # the signal's checkpoint is the only one
     wait_for_step(proc, out, 3)
     proc.send_signal(sig)
@@ -223,7 +188,7 @@ def test_sigint_and_sigterm_save_a_final_checkpoint_and_exit_cleanly(data, tmp_p
     assert proc.returncode == 128 + sig, stderr
     last = stdout.strip().splitlines()[-1]
     ckpt = assert_loadable_and_finite(out / "ckpt.pt")
-    assert ckpt["step"] == max(train_steps(out)) >= 3
+    assert ckpt["step"] == max(losses(out, cut_ok=True)) >= 3
     assert last == (f"stopped by {sig.name} at step {ckpt['step']}; checkpoint saved to {out / 'ckpt.pt'}; "
                     f"resume with: python train.py --data_dir={data} --out_dir={out} --device=cpu --init_from=resume")
 
@@ -231,10 +196,10 @@ def test_sigint_and_sigterm_save_a_final_checkpoint_and_exit_cleanly(data, tmp_p
 def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint_and_resume_loses_only_steps_since_it(data, tmp_path):
     common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--eval_interval=5", "--ckpt_interval=1"]
     out = tmp_path / "out"
-    reference = start(*common, f"--out_dir={tmp_path / 'ref'}", "--max_iters=20")
+    reference = start_train(*common, f"--out_dir={tmp_path / 'ref'}", "--max_iters=20")
     resume = []
     for kill_at, delay in ((3, 0.0), (8, 0.013), (13, 0.031)):   # and a little later: any instant, saves too
-        proc = start(*common, f"--out_dir={out}", "--max_iters=1000", *resume)
+        proc = start_train(*common, f"--out_dir={out}", "--max_iters=1000", *resume)
         try:
             wait_for_step(proc, out, kill_at)
             time.sleep(delay)
@@ -242,12 +207,12 @@ def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint_and_resume_loses_on
             proc.kill()
             proc.communicate()
         ckpt = assert_loadable_and_finite(out / "ckpt.pt")
-        assert max(train_steps(out)) - ckpt["step"] <= 1         # at most the steps since the last save
+        assert max(losses(out, cut_ok=True)) - ckpt["step"] <= 1         # at most the steps since the last save
         resume = ["--init_from=resume"]
     code, stdout, stderr = run(f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=20")
     assert code == 0, stderr
     assert reference.wait() == 0
-    ref, got = train_steps(tmp_path / "ref"), train_steps(out)
+    ref, got = losses(tmp_path / "ref"), losses(out, cut_ok=True)
     assert sorted(got) == list(range(1, 21))
     assert all(abs(got[s] - ref[s]) <= 1e-5 for s in ref), (ref, got)
     assert not list(out.glob(".*.tmp"))                         # temp files of killed saves are cleaned up
@@ -258,7 +223,7 @@ def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint_and_resume_loses_on
 
 def test_nan_loss_stops_with_exit_2_naming_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
     common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--eval_interval=100", "--ckpt_interval=3"]
-    clean = start(*common, f"--out_dir={tmp_path / 'clean'}", "--max_iters=6")   # the same run, up to step 6
+    clean = start_train(*common, f"--out_dir={tmp_path / 'clean'}", "--max_iters=6")   # the same run, up to step 6
     code, _, stderr = run(*common, f"--out_dir={tmp_path / 'nan'}", "--max_iters=20", "--debug_nan_step=7")
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("error: non-finite loss or gradient at step 7 ")
@@ -276,6 +241,6 @@ def test_nonfinite_skip_skips_the_update_and_continues(data, tmp_path):
                                "--eval_interval=100", "--nonfinite=skip", "--debug_nan_step=4")
     assert code == 0, stderr
     assert "step 4: non-finite loss or gradient, update skipped (1 in a row)" in stdout
-    steps = train_steps(out)
+    steps = losses(out, cut_ok=True)
     assert steps[4] is None and all(steps[s] is not None for s in (1, 2, 3, 5, 6, 7, 8))
     assert assert_loadable_and_finite(out / "ckpt.pt")["step"] == 8

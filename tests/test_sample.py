@@ -15,15 +15,15 @@ import torch
 
 import sample
 import uoe
+from conftest import ENV, REPO
 from uoe import GPT, GPTConfig
 
-REPO = Path(__file__).resolve().parent.parent
 ITOS = sorted(set("the quick brown fox jumps over the lazy dog.\nA bad cat sat on a mat;"))   # no '[' or '-'
 META = {"name": "tiny", "tokenizer": "char", "vocab_size": len(ITOS), "dtype": "uint16", "itos": ITOS,
         "stoi": {c: i for i, c in enumerate(ITOS)}}
 SIZES = dict(vocab_size=len(ITOS), block_size=32, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=2,
              expert_hidden=32)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+ENV = {**ENV, "NO_COLOR": "1"}
 
 
 def write_run(out_dir, ffn="uoe", seed=0, **overrides):
@@ -191,12 +191,13 @@ def incompatible_weights(out_dir):
     (corrupt, [], "is corrupt or truncated"),
     (incompatible_config, [], "not written by this version"),
     (incompatible_weights, [], "does not match this version"),
-    (write_run, ["--bogus=1"], "unknown option '--bogus'"),
-    (write_run, ["out"], "unknown option 'out'"),
-    (write_run, ["--num_samples=two"], "not a Python literal"),
-    (write_run, ["--num_samples=2.5"], "--num_samples must be int"),
+    (write_run, ["--bogus=1"], "unknown option --bogus; python sample.py --help lists them"),
+    (write_run, ["--num_sample=2"], "unknown option --num_sample; did you mean --num_samples?"),
+    (write_run, ["out"], "cannot parse 'out'; write options as --key=value"),
+    (write_run, ["--num_samples=two"], "--num_samples expects int, got 'two'"),
+    (write_run, ["--num_samples=2.5"], "--num_samples expects int, got 2.5"),
     (write_run, ["--temperature=0"], "out of range"),
-    (write_run, ["--max_new_tokens"], "needs a value"),
+    (write_run, ["--max_new_tokens"], "cannot parse '--max_new_tokens'"),
     (write_run, ["--start=[x]"], "not in the dataset's vocabulary"),
     (write_run, ["--start=FILE:/nonexistent/p.txt"], "cannot read the prompt file"),
     (write_run, ["--show_routing", "--routing_layer=5"], "out of range for 2 layers"),
@@ -211,6 +212,15 @@ def test_user_errors_end_in_one_line_and_exit_2(tmp_path, capsys, make, extra, m
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and msg in captured.err, captured.err
     assert captured.out == ""
+
+
+def test_help_lists_every_option_in_train_py_s_dialect(capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name, default in asdict(sample.SampleConfig()).items():
+        assert f"--{name}={default!r}" in text
 
 
 def test_corrupt_checkpoint_from_the_command_line_no_traceback(tmp_path):

@@ -6,46 +6,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from conftest import ENV, TINY, TRAIN, losses, records, run_train, start_train, wait_for_step
 from uoe import load_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
-# a tiny model: every run below takes a few seconds on 2 CPU cores, most of it importing torch
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--expert_hidden=64", "--block_size=32", "--batch_size=8",
-        "--eval_iters=2", "--log_interval=1", "--plot=False", "--warmup_iters=5", "--learning_rate=1e-2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # tiny models: one thread is as fast, and runs can overlap
-# first on every command line, so that a test's own later --device wins: CPU even where CUDA exists (train.py's
-# default is cuda when available), for exact float32 results and a gloo DDP that never asks for cuda:1
-TRAIN = [sys.executable, str(REPO / "train.py"), "--device=cpu"]
-
-
-def run(*args, check=True, cwd=None):
-    p = subprocess.run([*TRAIN, *map(str, args)], capture_output=True,
-                       text=True, env=ENV, cwd=cwd, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train.py exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def records(out_dir, kind="train"):
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def losses(out_dir):
-    return {r["step"]: r["loss"] for r in records(out_dir)}
 
 
 def test_char_run_lowers_the_loss_and_logs_the_schema(data, tmp_path):
     out = tmp_path / "out"
-    p = run(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=30",
-            "--eval_interval=15")
+    p = run_train(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=30",
+                  "--eval_interval=15")
     evals = records(out, "eval")
     assert [r["step"] for r in evals] == [0, 15, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5      # from ~ln(vocab) down
@@ -66,8 +40,8 @@ def test_char_run_lowers_the_loss_and_logs_the_schema(data, tmp_path):
 
 def test_gpt2_bpe_run_lowers_the_loss(data, tmp_path):
     out = tmp_path / "out"
-    run(*TINY, f"--data_dir={data}", "--dataset=tiny_bpe", f"--out_dir={out}", "--max_iters=10",
-        "--eval_interval=10", "--ffn=moe")
+    run_train(*TINY, f"--data_dir={data}", "--dataset=tiny_bpe", f"--out_dir={out}", "--max_iters=10",
+              "--eval_interval=10", "--ffn=moe")
     evals = records(out, "eval")
     assert evals[0]["val_loss"] > 10 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 1   # ln(50257) = 10.8
     run_json = json.loads((out / "run.json").read_text())
@@ -102,9 +76,9 @@ def test_mfu_peak_by_gpu_name_for_bfloat16_only():
 
 def test_options_given_on_resume_reach_the_optimizer(data, tmp_path):
     out = tmp_path / "out"
-    run(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
-    run(f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--weight_decay=0",
-        "--beta2=0.95")
+    run_train(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
+    run_train(f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--weight_decay=0",
+              "--beta2=0.95")
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert [(g["weight_decay"], tuple(g["betas"])) for g in ckpt["optimizer"]["param_groups"]] == \
         [(0.0, (0.9, 0.95))] * 2
@@ -112,21 +86,6 @@ def test_options_given_on_resume_reach_the_optimizer(data, tmp_path):
     assert (saved["weight_decay"], saved["beta2"]) == (0.0, 0.95) == \
         (ckpt["train_config"]["weight_decay"], ckpt["train_config"]["beta2"])
     assert ckpt["step"] == 4
-
-
-def wait_for_step(proc, out_dir, step, timeout=120):
-    """Wait until the run in out_dir has logged `step` (and so has checkpointed before it)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-            if any(json.loads(line)["step"] >= step for line in lines[:-1]):   # the last may be half-written
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.02)
-    raise AssertionError(f"no step {step} in {timeout} s")
 
 
 # lr_decay_iters fixed: the learning rate then does not depend on max_iters, so a run cut short with
@@ -137,10 +96,8 @@ RESUMABLE = TINY + ["--lr_decay_iters=40", "--eval_interval=8", "--ckpt_interval
 def test_sigkill_then_resume_continues_and_reproduces_the_uninterrupted_run(data, tmp_path):
     common = [*RESUMABLE, f"--data_dir={data}", "--dataset=tiny"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*TRAIN, *common, f"--out_dir={killed}",
-                             "--max_iters=1000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    reference = subprocess.Popen([*TRAIN, *common, f"--out_dir={tmp_path / 'ref'}",
-                                  "--max_iters=24"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    proc = start_train(*common, f"--out_dir={killed}", "--max_iters=1000", stdout=subprocess.DEVNULL)
+    reference = start_train(*common, f"--out_dir={tmp_path / 'ref'}", "--max_iters=24", stdout=subprocess.DEVNULL)
     try:
         wait_for_step(proc, killed, 10)
     finally:
@@ -150,7 +107,7 @@ def test_sigkill_then_resume_continues_and_reproduces_the_uninterrupted_run(data
     ckpt_step = load_checkpoint(killed / "ckpt.pt")["step"]
     assert ckpt_step >= 8 and ckpt_step % 4 == 0
 
-    p = run(f"--data_dir={data}", f"--out_dir={killed}", "--init_from=resume", "--max_iters=24")
+    p = run_train(f"--data_dir={data}", f"--out_dir={killed}", "--init_from=resume", "--max_iters=24")
     assert f"resuming at step {ckpt_step}" in p.stdout
     steps = [r["step"] for r in records(killed)]
     assert steps == list(range(1, 25))                 # continued, and the log reads as one run
@@ -167,7 +124,7 @@ def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(dat
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "x 2 processes" in ddp.stdout
-    run(*common, f"--out_dir={tmp_path / 'single'}")
+    run_train(*common, f"--out_dir={tmp_path / 'single'}")
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert sorted(a) == list(range(1, 7))
     assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
@@ -242,8 +199,8 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
                     "set UOE_SLOW_TESTS=1 to run it")
 def test_compile_trains_like_eager(data, tmp_path):
     common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--max_iters=8", "--eval_interval=8"]
-    p = run(*common, f"--out_dir={tmp_path / 'compiled'}", "--compile=True")
+    p = run_train(*common, f"--out_dir={tmp_path / 'compiled'}", "--compile=True")
     assert "compiled" in p.stdout.splitlines()[0]
-    run(*common, f"--out_dir={tmp_path / 'eager'}")
+    run_train(*common, f"--out_dir={tmp_path / 'eager'}")
     a, b = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
     assert sorted(a) == list(range(1, 9)) and all(abs(a[s] - b[s]) < 1e-3 for s in a), (a, b)

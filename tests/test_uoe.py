@@ -47,7 +47,8 @@ def ffn_module(**kw):
     return model.transformer.h[0].mlp
 
 
-# ---- the per-token reference, written from METHOD.md with no batching tricks ----------------
+# ---- the per-token float64 reference, written from METHOD.md with no batching tricks ---------
+# uoe_one_token is "UoE, one token at a time": §3 line by line; the batched layers must equal these.
 
 def ref_swiglu(x, wg, wp, wo):
     return (F.silu(x @ wg) * (x @ wp)) @ wo
@@ -57,40 +58,50 @@ def norm(v, p):
     return torch.linalg.vector_norm(v, ord=float("inf") if p == "inf" else p)
 
 
-def reference_token(m, c, x):
-    """§2-§3 for one token x (C,)."""
-    E, K = c.n_expert, c.top_k
-    if c.ffn == "dense":
-        return ref_swiglu(x, m.w_gate, m.w_up, m.w_down)
-    if c.ffn == "moe":
-        p = torch.softmax(x @ m.router, dim=-1)
-        chosen = torch.topk(p, K).indices
-        g = p[chosen] / p[chosen].sum()
-        y = sum(g[j] * ref_swiglu(x, m.w_gate[i], m.w_up[i], m.w_down[i]) for j, i in enumerate(chosen))
-        if c.n_shared:
-            y = y + ref_swiglu(x, m.shared_gate, m.shared_up, m.shared_down)
-        return y
-    if c.ffn == "aoe":
-        Cs = [x @ m.w_gate_a[i] for i in range(E)]
-        s = torch.stack([norm(ci, c.route_norm) for ci in Cs])
-        chosen = torch.topk(s, K).indices
-        g = torch.softmax(s[chosen], dim=0)
-        return sum(g[j] * ((F.silu(Cs[i] @ m.w_gate_b[i]) * (x @ m.w_up[i])) @ m.w_down[i])
-                   for j, i in enumerate(chosen))
-    R = c.n_routing
-    pre = [x @ m.w_gate[i, :, :R] for i in range(E)]
-    a = [F.silu(v) for v in pre]
+def uoe_one_token(m, c, x):
+    """§3, UoE for one token x (C,): m is a UoEFFN (its stacked weights), c its GPTConfig."""
+    E, K, R = c.n_expert, c.top_k, c.n_routing
+    pre = [x @ m.w_gate[i, :, :R] for i in range(E)]                   # routing pre-activations
+    a = [F.silu(v) for v in pre]                                        # routing activations a_i
     h = [a[i] * (x @ m.w_up[i, :, :R]) for i in range(E)]
-    R_out = [h[i] @ m.w_down[i, :R] for i in range(E)]
-    Q_out = [ref_swiglu(x, m.w_gate[i, :, R:], m.w_up[i, :, R:], m.w_down[i, R:]) for i in range(E)]
+    R_out = [h[i] @ m.w_down[i, :R] for i in range(E)]                  # R_i(x): the routing neurons' output
+    Q_out = [ref_swiglu(x, m.w_gate[i, :, R:], m.w_up[i, :, R:], m.w_down[i, R:]) for i in range(E)]   # Q_i(x)
     score_of = {"silu": a, "pre": pre, "swiglu": h}[c.route_score]
-    s = torch.stack([norm(v, c.route_norm) for v in score_of])
-    chosen = torch.topk(s, K).indices
-    g = torch.softmax(s[chosen], dim=0)
+    s = torch.stack([norm(v, c.route_norm) for v in score_of])          # scores s_i
+    chosen = torch.topk(s, K).indices                                   # I = topK(s)
+    g = torch.softmax(s[chosen], dim=0)                                 # gates
     if c.vse and c.uoe_output == "once":
-        return sum(R_out) + sum(g[j] * Q_out[i] for j, i in enumerate(chosen))
+        return sum(R_out) + sum(g[j] * Q_out[i] for j, i in enumerate(chosen))   # VSE(x) + sum g_i Q_i(x)
     routed = sum(g[j] * (R_out[i] + Q_out[i]) for j, i in enumerate(chosen))
     return sum(R_out) + routed if c.vse else routed
+
+
+def moe_one_token(m, c, x):
+    """§2 moe for one token x (C,)."""
+    p = torch.softmax(x @ m.router, dim=-1)
+    chosen = torch.topk(p, c.top_k).indices
+    g = p[chosen] / p[chosen].sum()
+    y = sum(g[j] * ref_swiglu(x, m.w_gate[i], m.w_up[i], m.w_down[i]) for j, i in enumerate(chosen))
+    if c.n_shared:
+        y = y + ref_swiglu(x, m.shared_gate, m.shared_up, m.shared_down)
+    return y
+
+
+def aoe_one_token(m, c, x):
+    """§2 aoe for one token x (C,)."""
+    Cs = [x @ m.w_gate_a[i] for i in range(c.n_expert)]
+    s = torch.stack([norm(ci, c.route_norm) for ci in Cs])
+    chosen = torch.topk(s, c.top_k).indices
+    g = torch.softmax(s[chosen], dim=0)
+    return sum(g[j] * ((F.silu(Cs[i] @ m.w_gate_b[i]) * (x @ m.w_up[i])) @ m.w_down[i])
+               for j, i in enumerate(chosen))
+
+
+def dense_one_token(m, c, x):
+    return ref_swiglu(x, m.w_gate, m.w_up, m.w_down)
+
+
+ONE_TOKEN = {"dense": dense_one_token, "moe": moe_one_token, "aoe": aoe_one_token, "uoe": uoe_one_token}
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -102,7 +113,7 @@ def test_batched_ffn_equals_per_token_reference(name):
 
     y = m(x)
     grads = torch.autograd.grad((y * w).sum(), [x, *m.parameters()])
-    y_ref = torch.stack([reference_token(m, c, xt) for xt in x.view(-1, c.n_embd)]).view_as(y)
+    y_ref = torch.stack([ONE_TOKEN[c.ffn](m, c, xt) for xt in x.view(-1, c.n_embd)]).view_as(y)
     grads_ref = torch.autograd.grad((y_ref * w).sum(), [x, *m.parameters()])
 
     assert y.shape == x.shape
