@@ -311,7 +311,10 @@ def encode_chunks(chunks, encode, workers, bpe_dir):
         return
     import collections
     import multiprocessing
-    with multiprocessing.Pool(workers, initializer=_pool_init, initargs=(bpe_dir,)) as pool:
+    # spawn, not fork: a process that has started threads (torch's, when train.py prepares data) can
+    # fork a child while some thread holds a lock, and the child then waits on that lock forever
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(workers, initializer=_pool_init, initargs=(bpe_dir,)) as pool:
         pending = collections.deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_pool_call, (chunk,)))
