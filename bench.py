@@ -1267,8 +1267,18 @@ def bench_balance(args):
                              max_over_min=statistics.fmean(a / b if b > 0 else math.inf for a, b in zip(mx, mn)),
                              val=mean_std([r["final_val"] for r in results])))
     curves = {f"{v}:aux{coef:g}": [done[s["dir"]]["routing"] for s in ss] for (v, coef), ss in specs.items()}
+    # paired by seed: Ent_load of each variant minus the first one's (uoe - moe by default), per layer
+    ent = {key: {s["seed"]: ent_load_summary(done[s["dir"]]["routing"], args.steps)
+                 for s in ss if done[s["dir"]]["routing"]} for key, ss in specs.items()}
+    first = args.variants[0]
+    ent_diffs = [dict(variant=v, versus=first, aux_loss_coef=coef, layer=layer,
+                      **paired_difference({k: e[layer]["ent_load"] for k, e in ent[(v, coef)].items()},
+                                          {k: e[layer]["ent_load"] for k, e in ent[(first, coef)].items()}))
+                 for coef in args.aux for v in args.variants[1:] for layer in range(base.n_layer)
+                 if ent.get((v, coef)) and ent.get((first, coef))]
     result = dict(command="balance", **settings(args, base), aux=args.aux, lr={v: x[0] for v, x in lrs.items()},
-                  configs={v: describe(c, base) for v, c in configs.items()}, rows=rows, curves=curves,
+                  configs={v: describe(c, base) for v, c in configs.items()}, rows=rows, ent_load_diffs=ent_diffs,
+                  curves=curves,
                   ent_load_max=math.log(base.n_expert), seconds=time.time() - t0)
     print()
     print(balance_table(result))
@@ -1288,6 +1298,12 @@ def balance_table(res):
         lines.append(f"| {r['variant']} | {r['aux_loss_coef']:g} | {r['layer']} | {fmt_pm(*r['ent_load'], 3)} | "
                      f"{fmt_pm(*r['max_load'], 3)} | {fmt_pm(*r['min_load'], 3)} | {r['max_over_min']:.1f} | "
                      f"{fmt_pm(*r['val'])} |")
+    if res.get("ent_load_diffs"):
+        lines += ["", "| Ent_load, paired by seed | aux_loss_coef | layer | difference ± SE | seeds |",
+                  "|---|---:|---:|---:|---:|"]
+        for d in res["ent_load_diffs"]:
+            lines.append(f"| {d['variant']} − {d['versus']} | {d['aux_loss_coef']:g} | {d['layer']} | "
+                         f"{fmt_pm(d['mean'], d['se'], 3)} | {d['n']} |")
     return "\n".join(lines)
 
 

@@ -303,7 +303,10 @@ def test_balance_reports_load_per_layer_with_and_without_the_aux_loss(study, tmp
     opts = [json.loads(p.read_text())["options"] for p in (tmp_path / "runs").glob("*/result.json")]
     assert sorted({o["aux_loss_coef"] for o in opts}) == [0.0, 0.01]
     assert (tmp_path / "balance.png").stat().st_size > 0
-    assert "| uoe | 0 | 0 |" in capsys.readouterr().out
+    d = {(x["aux_loss_coef"], x["layer"]): x for x in res["ent_load_diffs"]}
+    assert set(d) == {(0.0, 0), (0.01, 0)} and d[(0.0, 0)]["variant"] == "uoe" and d[(0.0, 0)]["n"] == 2
+    printed = capsys.readouterr().out
+    assert "| uoe | 0 | 0 |" in printed and "| uoe − moe | 0 | 0 |" in printed
 
 
 def test_a_diverged_run_is_a_result_and_a_broken_one_a_one_line_error(study, tmp_path, capsys):
