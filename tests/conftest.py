@@ -90,3 +90,49 @@ def data(tmp_path_factory):
     prepare("tiny", input=text, tokenizer="char", out_dir=root / "tiny")
     prepare("tiny_bpe", input=text, tokenizer="gpt2", out_dir=root / "tiny_bpe", bpe_dir=BUNDLED_BPE)
     return root
+
+
+# the routed variants and UoE switches (METHOD.md §2-3) that every equivalence test covers; each test file adds
+# entries whose sizes (d_low, n_routing) fit its own model
+ROUTED_VARIANTS = {
+    "moe": dict(ffn="moe"),
+    "moe_shared": dict(ffn="moe", n_shared=1),
+    "moe_top1": dict(ffn="moe", top_k=1),
+    "aoe": dict(ffn="aoe"),
+    "uoe": dict(ffn="uoe"),
+    "uoe_twice": dict(ffn="uoe", uoe_output="twice"),
+    "uoe_no_vse": dict(ffn="uoe", vse=False),
+    "uoe_no_vse_swiglu": dict(ffn="uoe", vse=False, route_score="swiglu"),
+    "uoe_pre": dict(ffn="uoe", route_score="pre"),
+    "uoe_swiglu": dict(ffn="uoe", route_score="swiglu"),
+}
+
+
+def count_calls(monkeypatch, module, name):
+    """Wrap module.<name> so that the returned list grows by one entry per call."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def captured_dispatch(m, x, autocast_dtype=None):
+    """Run the FFN m on x once (under autocast to autocast_dtype if given) and return the (args,
+    kwargs) it passed to uoe.dispatch, so that a test can call dispatch itself with a forced routing."""
+    import uoe
+    seen, real = {}, uoe.dispatch
+
+    def spy(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        return real(*args, **kwargs)
+    uoe.dispatch = spy
+    try:
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            m(x)
+    finally:
+        uoe.dispatch = real
+    return seen["args"], seen["kwargs"]
+

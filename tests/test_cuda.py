@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import uoe
+from conftest import ROUTED_VARIANTS, captured_dispatch, count_calls
 from uoe import GPT, GPTConfig
 
 HAS_CUDA = torch.cuda.is_available()
@@ -24,19 +25,8 @@ needs_fast_grouped = pytest.mark.skipif(
 SMALL = dict(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=64,
              n_expert=8, top_k=2, expert_hidden=128, d_low=24)
 
-VARIANTS = {
-    "moe": dict(ffn="moe"),
-    "moe_shared": dict(ffn="moe", n_shared=1),
-    "moe_top1": dict(ffn="moe", top_k=1),
-    "aoe": dict(ffn="aoe"),
-    "uoe": dict(ffn="uoe"),
-    "uoe_twice": dict(ffn="uoe", uoe_output="twice"),
-    "uoe_no_vse": dict(ffn="uoe", vse=False),
-    "uoe_no_vse_swiglu": dict(ffn="uoe", vse=False, route_score="swiglu"),
-    "uoe_pre": dict(ffn="uoe", route_score="pre"),
-    "uoe_swiglu": dict(ffn="uoe", route_score="swiglu"),
-    "uoe_twice_pre_r8": dict(ffn="uoe", uoe_output="twice", route_score="pre", n_routing=8),
-}
+VARIANTS = {**ROUTED_VARIANTS,
+            "uoe_twice_pre_r8": dict(ffn="uoe", uoe_output="twice", route_score="pre", n_routing=8)}
 
 
 def assert_bf16_close(actual, expected):
@@ -46,17 +36,6 @@ def assert_bf16_close(actual, expected):
     err = (actual.float() - expected.float()).abs().max().item()
     scale = expected.float().abs().max().item()
     assert err <= 0.02 * scale + 1e-6, f"max |difference| {err:.3g} exceeds 2% of max |value| {scale:.3g}"
-
-
-def count_calls(monkeypatch, name):
-    """Wrap uoe.<name> so that the returned list grows by one entry per call."""
-    calls, real = [], getattr(uoe, name)
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(uoe, name, spy)
-    return calls
 
 
 def ffn_module(expert_path, bf16_params, **kw):
@@ -81,7 +60,7 @@ def forward_backward(m, x, grad_y, autocast):
 @pytest.mark.parametrize("mode", ["autocast", "bf16_params"])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_grouped_equals_loop_in_bf16(name, mode, monkeypatch):
-    calls = count_calls(monkeypatch, "dispatch_grouped")
+    calls = count_calls(monkeypatch, uoe, "dispatch_grouped")
     torch.manual_seed(1)
     dtype = torch.bfloat16 if mode == "bf16_params" else torch.float32
     x = torch.randn(3, 7, SMALL["n_embd"], device="cuda", dtype=dtype)       # 21 tokens: groups of any size
@@ -113,19 +92,7 @@ def test_grouped_equals_loop_in_bf16_with_empty_experts(name, routing):
     and in their weight-gradient GEMMs (a zero-length contraction)."""
     m = ffn_module("loop", False, **VARIANTS[name])
     x = torch.randn(1, 16, SMALL["n_embd"], device="cuda", requires_grad=True)
-    seen = {}
-    real = uoe.dispatch
-
-    def spy(*args, **kwargs):
-        seen["args"], seen["kwargs"] = args, kwargs
-        return real(*args, **kwargs)
-    uoe.dispatch = spy
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            m(x)
-    finally:
-        uoe.dispatch = real
-    (x2d, _, gates, expert_fn, weights), kwargs = seen["args"], seen["kwargs"]
+    (x2d, _, gates, expert_fn, weights), kwargs = captured_dispatch(m, x, autocast_dtype=torch.bfloat16)
     topk_idx = torch.tensor(ROUTINGS[routing], device="cuda")
     grad_y = torch.randn(16, SMALL["n_embd"], device="cuda", dtype=torch.bfloat16)
     leaves = [x, *m.parameters()]
@@ -150,7 +117,7 @@ def test_auto_picks_grouped_for_bf16_with_aligned_widths_on_this_gpu(ffn, monkey
     assert uoe.resolve_expert_path(c, torch.device("cuda", 0), torch.bfloat16) == "grouped"
     assert uoe.resolve_expert_path(c, "cuda", torch.float32) == "loop"
     assert uoe.resolve_expert_path(GPTConfig(**SMALL, ffn=ffn, expert_hidden=132), "cuda", torch.bfloat16) == "loop"
-    calls = count_calls(monkeypatch, "dispatch_grouped")
+    calls = count_calls(monkeypatch, uoe, "dispatch_grouped")
     model = GPT(c).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(torch.zeros(2, 8, dtype=torch.long, device="cuda"))

@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import uoe
+from conftest import ROUTED_VARIANTS, captured_dispatch, count_calls
 from uoe import GPT, GPTConfig
 
 
@@ -31,21 +32,10 @@ needs_grouped_mm = pytest.mark.skipif(not cpu_grouped_mm_works(),
 SMALL = dict(vocab_size=37, block_size=16, n_layer=1, n_head=2, n_embd=16,
              n_expert=4, top_k=2, expert_hidden=32, d_low=8)           # n_routing = 32 // 4 = 8
 
-VARIANTS = {
-    "moe": dict(ffn="moe"),
-    "moe_shared": dict(ffn="moe", n_shared=1),
-    "moe_top1": dict(ffn="moe", top_k=1),
-    "aoe": dict(ffn="aoe"),
-    "aoe_l1": dict(ffn="aoe", route_norm=1),
-    "uoe": dict(ffn="uoe"),
-    "uoe_twice": dict(ffn="uoe", uoe_output="twice"),
-    "uoe_no_vse": dict(ffn="uoe", vse=False),
-    "uoe_no_vse_swiglu": dict(ffn="uoe", vse=False, route_score="swiglu"),
-    "uoe_pre": dict(ffn="uoe", route_score="pre"),
-    "uoe_swiglu": dict(ffn="uoe", route_score="swiglu"),
-    "uoe_inf": dict(ffn="uoe", route_norm="inf"),
-    "uoe_twice_pre_r4": dict(ffn="uoe", uoe_output="twice", route_score="pre", n_routing=4),
-}
+VARIANTS = {**ROUTED_VARIANTS,
+            "aoe_l1": dict(ffn="aoe", route_norm=1),
+            "uoe_inf": dict(ffn="uoe", route_norm="inf"),
+            "uoe_twice_pre_r4": dict(ffn="uoe", uoe_output="twice", route_score="pre", n_routing=4)}
 
 
 def ffn_module(expert_path, **kw):
@@ -57,21 +47,10 @@ def ffn_module(expert_path, **kw):
     return model.transformer.h[0].mlp
 
 
-def count_calls(monkeypatch, name):
-    """Wrap uoe.<name> so that the returned list grows by one entry per call."""
-    calls, real = [], getattr(uoe, name)
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(uoe, name, spy)
-    return calls
-
-
 @needs_grouped_mm
 @pytest.mark.parametrize("name", VARIANTS)
 def test_grouped_ffn_equals_loop_forward_and_gradients(name, monkeypatch):
-    grouped_calls = count_calls(monkeypatch, "dispatch_grouped")
+    grouped_calls = count_calls(monkeypatch, uoe, "dispatch_grouped")
     torch.manual_seed(1)
     x = torch.randn(3, 7, SMALL["n_embd"])
     grad_y = torch.randn(3, 7, SMALL["n_embd"])    # a real upstream gradient (grouped_mm refuses stride-0 ones)
@@ -97,22 +76,6 @@ ROUTINGS = {
     "first_and_last_empty": [[1, 2]] * 9 + [[2, 1]] * 3,           # loads 0, 12, 12, 0
     "only_last_two": [[3, 2]] * 11 + [[2, 3]],                     # loads 0, 0, 12, 12
 }
-
-
-def captured_dispatch(m, x):
-    """Run m(x) once and return the arguments it passed to uoe.dispatch."""
-    seen = {}
-    real = uoe.dispatch
-
-    def spy(*args, **kwargs):
-        seen["args"], seen["kwargs"] = args, kwargs
-        return real(*args, **kwargs)
-    uoe.dispatch = spy
-    try:
-        m(x)
-    finally:
-        uoe.dispatch = real
-    return seen["args"], seen["kwargs"]
 
 
 @needs_grouped_mm

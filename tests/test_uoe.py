@@ -10,29 +10,18 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import uoe
+from conftest import ROUTED_VARIANTS
 from uoe import GPT, GPTConfig
 
 SMALL = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16,
              n_expert=4, top_k=2, expert_hidden=12)
 
 # every variant and every UoE switch (and the AoE/MoE options)
-VARIANTS = {
-    "dense": dict(ffn="dense"),
-    "moe": dict(ffn="moe"),
-    "moe_shared": dict(ffn="moe", n_shared=1),
-    "moe_top1": dict(ffn="moe", top_k=1),
-    "aoe": dict(ffn="aoe"),
-    "aoe_l1": dict(ffn="aoe", route_norm=1, d_low=3),
-    "uoe": dict(ffn="uoe"),
-    "uoe_twice": dict(ffn="uoe", uoe_output="twice"),
-    "uoe_no_vse": dict(ffn="uoe", vse=False),
-    "uoe_no_vse_swiglu": dict(ffn="uoe", vse=False, route_score="swiglu"),
-    "uoe_pre": dict(ffn="uoe", route_score="pre"),
-    "uoe_swiglu": dict(ffn="uoe", route_score="swiglu"),
-    "uoe_l1": dict(ffn="uoe", route_norm=1),
-    "uoe_inf": dict(ffn="uoe", route_norm="inf"),
-    "uoe_twice_pre_r5": dict(ffn="uoe", uoe_output="twice", route_score="pre", n_routing=5),
-}
+VARIANTS = {"dense": dict(ffn="dense"), **ROUTED_VARIANTS,
+            "aoe_l1": dict(ffn="aoe", route_norm=1, d_low=3),
+            "uoe_l1": dict(ffn="uoe", route_norm=1),
+            "uoe_inf": dict(ffn="uoe", route_norm="inf"),
+            "uoe_twice_pre_r5": dict(ffn="uoe", uoe_output="twice", route_score="pre", n_routing=5)}
 
 
 def cfg(**kw):
