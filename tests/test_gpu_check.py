@@ -38,8 +38,8 @@ def test_train_summary_skips_the_compiling_records_and_takes_medians(tmp_path):
 def test_bench_table_gives_each_step_against_dense():
     rows = [dict(variant="dense", expert_hidden=3072, step_ms=100.0, tokens_per_s=81920.0, mfu=0.41,
                  peak_mem_mb=20000.0, graph_breaks=0, recompiles_during_timing=0),
-            dict(variant="uoe", expert_hidden=1024, expert_path="grouped", step_ms=125.0, tokens_per_s=65536.0, mfu=0.33,
-                 peak_mem_mb=None, graph_breaks=0, recompiles_during_timing=0)]
+            dict(variant="uoe", expert_hidden=1024, expert_path="grouped", step_ms=125.0, tokens_per_s=65536.0,
+                 mfu=0.33, peak_mem_mb=None, graph_breaks=0, recompiles_during_timing=0)]
     table = gpu_check.bench_table({"rows": rows})
     assert table[2].startswith("| dense | 3072 | – | 100.0 | 1.00 | 81,920 | 41.0% | 20,000 | 0 | 0 |")
     assert table[3].startswith("| uoe | 1024 | grouped | 125.0 | 1.25 | 65,536 | 33.0% | – | 0 | 0 |")

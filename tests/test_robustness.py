@@ -149,7 +149,8 @@ def bad_input_results(data, trained, tmp_path_factory):
     for case_id, _, setup in BAD_INPUTS:
         ws = Workspace(tmp_path_factory.mktemp(case_id), data, trained)
         extra = setup(ws)
-        argv = ["--device=cpu", *TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={ws.out}", "--max_iters=3", *extra]
+        argv = ["--device=cpu", *TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={ws.out}", "--max_iters=3",
+                *extra]
         workspaces[case_id] = (ws, sha(ws.out / "ckpt.pt"))
         cases.append(argv)
     p = subprocess.run([sys.executable, "-c", DRIVER, str(REPO)], input=json.dumps(cases), capture_output=True,
