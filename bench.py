@@ -135,12 +135,12 @@ HELP = {
     "speed": "time a training step of each variant (eager and compiled)",
     "quality": "val loss of dense, MoE, MoE + shared expert and UoE at matched active FLOPs: a learning-rate "
                "sweep on seed 0, then every seed at each variant's best lr; paired differences ± SE. "
-               "CPU defaults: 24 train.py runs (4 lrs x 4 variants, then 2 more seeds each), ~30 min on 2 cores",
+               "CPU defaults: 24 train.py runs (4 lrs x 4 variants, then 2 more seeds each), an estimated 30 min on 2 idle cores",
     "ablate": "the paper's UoE ablations (no VSE, output twice, score pre/swiglu, norm 1/inf, n_routing halved/"
               "doubled) at UoE's best lr from quality; CPU defaults: 27 runs (the 3 full-UoE ones are quality's "
-              "when it ran first), ~30 min on 2 cores",
+              "when it ran first), an estimated 30 min on 2 idle cores",
     "balance": "expert load of UoE and MoE without the load-balancing loss (and with it, for reference); CPU "
-               "defaults: 12 runs (6 are quality's when it ran first), ~15 min on 2 cores",
+               "defaults: 12 runs (6 are quality's when it ran first), an estimated 15 min on 2 idle cores",
 }
 STUDY_EPILOG = """Every run is `python train.py --key=value ...` (the same recipe as a run you start yourself),
 run in a subprocess with its own folder under OUT_DIR/runs/ and its result written there as soon as
