@@ -135,7 +135,8 @@ HELP = {
     "speed": "time a training step of each variant (eager and compiled)",
     "quality": "val loss of dense, MoE, MoE + shared expert and UoE at matched active FLOPs: a learning-rate "
                "sweep on seed 0, then every seed at each variant's best lr; paired differences ± SE. "
-               "CPU defaults: 24 train.py runs (4 lrs x 4 variants, then 2 more seeds each), an estimated 30 min on 2 idle cores",
+               "CPU defaults: 24 train.py runs (4 lrs x 4 variants, then 2 more seeds each), an estimated 30 min "
+               "on 2 idle cores",
     "ablate": "the paper's UoE ablations (no VSE, output twice, score pre/swiglu, norm 1/inf, n_routing halved/"
               "doubled) at UoE's best lr from quality; CPU defaults: 27 runs (the 3 full-UoE ones are quality's "
               "when it ran first), an estimated 30 min on 2 idle cores",
@@ -165,7 +166,8 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="{speed,quality,ablate,balance}", parser_class=Parser)
     for name in ("speed",) + STUDY_COMMANDS:
         study = name != "speed"
-        s = sub.add_parser(name, help=HELP[name], description=HELP[name], epilog=STUDY_EPILOG if study else SPEED_EPILOG,
+        s = sub.add_parser(name, help=HELP[name], description=HELP[name],
+                           epilog=STUDY_EPILOG if study else SPEED_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
                        help="default sizes: cpu (2 cores) or gpu (one GPU, bf16, compile)")
@@ -190,11 +192,13 @@ def build_parser():
         s.add_argument("--json", help=f"output JSON (default OUT_DIR/bench_{name}.json)")
         if name == "speed":
             s.add_argument("--compile", choices=("eager", "compile", "both"))
-            s.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads); the cpu preset uses 1")
+            s.add_argument("--threads", type=positive_int,
+                           help="CPU threads (torch.set_num_threads); the cpu preset uses 1")
             s.add_argument("--reps", type=positive_int, help="timed steps per variant (interleaved)")
             s.add_argument("--warmup", type=positive_int, help="untimed steps first (compiles)")
             s.add_argument("--memory", choices=("on", "off"), default="on", help="peak-memory measurement")
-            s.add_argument("--peak_tflops", type=positive_float, help="GPU peak (TFLOP/s) for MFU; default: train.py's table (bf16)")
+            s.add_argument("--peak_tflops", type=positive_float,
+                           help="GPU peak (TFLOP/s) for MFU; default: train.py's table (bf16)")
             s.add_argument("--multiple_of", type=positive_int, help="round the matched widths D to a multiple of "
                            "this (gpu preset: 64, aligned bf16 GEMMs; the FLOP mismatch left is a table column)")
             s.add_argument("--seed", type=int, default=0)
@@ -206,7 +210,8 @@ def build_parser():
         s.add_argument("--warmup_steps", type=int, help="linear warmup steps, then cosine to lr/10")
         s.add_argument("--seeds", type=positive_int, help="number of seeds (0, 1, ...)")
         if name == "quality":
-            s.add_argument("--lrs", type=positive_float_list, help="learning rates of the sweep (seed 0), comma-separated")
+            s.add_argument("--lrs", type=positive_float_list,
+                           help="learning rates of the sweep (seed 0), comma-separated")
         else:
             s.add_argument("--lr", type=positive_float, help="peak learning rate (default: the best of bench.py "
                            "quality from OUT_DIR/bench_quality.json if it used the same recipe, else the preset's)")
@@ -834,7 +839,9 @@ def fmt_pm(m, s, digits=4):
 
 def fmt_duration(seconds):
     seconds = max(0, int(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ---- configs and runs ---------------------------------------------------------------------------
@@ -1105,7 +1112,8 @@ def quality_table(res):
              "|---|---:|---:|---:|---:|---:|" + "---:|" * len(lrs) + "---:|---:|"]
     for v, r in res["variants"].items():
         sweep = " | ".join("diverged" if r["sweep"][str(lr)] is None else f"{r['sweep'][str(lr)]:.4f}" for lr in lrs)
-        lines.append(f"| {v} | {r['expert_hidden']} | {r['params_total'] / 1e6:.3f}M | {r['params_active'] / 1e6:.3f}M | "
+        lines.append(f"| {v} | {r['expert_hidden']} | {r['params_total'] / 1e6:.3f}M | "
+                     f"{r['params_active'] / 1e6:.3f}M | "
                      f"{r['fwd_flops_per_token'] / 1e6:.3f} | {r['flop_mismatch']:+.2%} | {sweep} | "
                      f"{r['best_lr']:g}{' (edge)' if r['best_at_edge'] else ''} | "
                      f"{fmt_pm(r['val_mean'], r['val_std'])} |")
@@ -1140,7 +1148,8 @@ def plot_quality(res, path):
         val = [statistics.fmean(c[j][3] for c in curves) for j in range(n)]
         ax.plot(tok[1:], val[1:], marker="o", ms=3, color=f"C{i}",
                 label=f"{v} (D={r['expert_hidden']}, lr {r['best_lr']:g}) {fmt_pm(r['val_mean'], r['val_std'], 3)}")
-    ax.set(xlabel="tokens seen (M)", ylabel="val loss (mean over seeds)", title=f"{res['dataset']}: matched active FLOPs")
+    ax.set(xlabel="tokens seen (M)", ylabel="val loss (mean over seeds)",
+           title=f"{res['dataset']}: matched active FLOPs")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     for i, (a, b) in enumerate(COMPARISONS[:3]):
@@ -1152,9 +1161,11 @@ def plot_quality(res, path):
         x, m, se = zip(*g)
         x = [t / 1e6 for t in x]
         ax2.plot(x, m, marker="o", ms=3, color=f"C{i}", label=f"{a} − {b}")
-        ax2.fill_between(x, [p - 2 * q for p, q in zip(m, se)], [p + 2 * q for p, q in zip(m, se)], color=f"C{i}", alpha=0.15)
+        ax2.fill_between(x, [p - 2 * q for p, q in zip(m, se)], [p + 2 * q for p, q in zip(m, se)],
+                         color=f"C{i}", alpha=0.15)
     ax2.axhline(0, color="k", lw=0.8)
-    ax2.set(xlabel="tokens seen (M)", ylabel="val loss difference (band: ± 2 SE)", title="paired gaps (below 0: first is better)")
+    ax2.set(xlabel="tokens seen (M)", ylabel="val loss difference (band: ± 2 SE)",
+            title="paired gaps (below 0: first is better)")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     return save_figure(fig, path)
@@ -1196,7 +1207,8 @@ def pick_lr(args, variant):
     lr = quality_lr(args, variant)
     if lr is not None:
         return lr, "best lr of bench.py quality"
-    return STUDY_PRESETS[args.preset]["default_lr"], "preset default (no matching bench_quality.json; run quality first or give --lr)"
+    return (STUDY_PRESETS[args.preset]["default_lr"],
+            "preset default (no matching bench_quality.json; run quality first or give --lr)")
 
 
 def bench_ablate(args):
@@ -1226,16 +1238,19 @@ def bench_ablate(args):
 
 
 def ablate_table(res):
-    lines = [f"UoE ablations: {res['dataset']}, {res['steps']} steps, {res['tokens'] / 1e6:.2f}M tokens, lr {res['lr']:g}; "
-             f"same D as UoE; val loss mean ± std over {res['seeds']} seeds; difference to full UoE paired by seed", "",
-             "| ablation | change | n_routing | fwd MFLOP/tok | FLOPs vs UoE | total params | val loss | − UoE ± SE | verdict |",
+    lines = [f"UoE ablations: {res['dataset']}, {res['steps']} steps, {res['tokens'] / 1e6:.2f}M tokens, "
+             f"lr {res['lr']:g}; same D as UoE; val loss mean ± std over {res['seeds']} seeds; difference to "
+             "full UoE paired by seed", "",
+             "| ablation | change | n_routing | fwd MFLOP/tok | FLOPs vs UoE | total params | val loss | "
+             "− UoE ± SE | verdict |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for a, r in res["ablations"].items():
         d = r.get("diff_vs_uoe")
         change = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(full UoE)"
         lines.append(f"| {a} | {change} | {r['n_routing']} | {r['fwd_flops_per_token'] / 1e6:.3f} | "
-                     f"{r['flop_mismatch']:+.1%} | {r['params_total'] / 1e6:.3f}M | {fmt_pm(r['val_mean'], r['val_std'])} | "
-                     f"{fmt_pm(d['mean'], d['se']) if d else '–'} | {verdict(d['mean'], d['se'], a, 'uoe') if d else ''} |")
+                     f"{r['flop_mismatch']:+.1%} | {r['params_total'] / 1e6:.3f}M | "
+                     f"{fmt_pm(r['val_mean'], r['val_std'])} | {fmt_pm(d['mean'], d['se']) if d else '–'} | "
+                     f"{verdict(d['mean'], d['se'], a, 'uoe') if d else ''} |")
     return "\n".join(lines)
 
 
@@ -1244,7 +1259,8 @@ def bench_balance(args):
     base = study_base(args, meta)
     configs = variant_configs(base, args.variants, args.multiple_of)
     lrs = {v: pick_lr(args, v) for v in args.variants}
-    print(study_header(args, base, "balance") + "; lr " + ", ".join(f"{v} {lr:g} ({src})" for v, (lr, src) in lrs.items()),
+    print(study_header(args, base, "balance") + "; lr "
+          + ", ".join(f"{v} {lr:g} ({src})" for v, (lr, src) in lrs.items()),
           flush=True)
     specs = {(v, coef): [run_spec(f"{v}:aux{coef:g}", replace(configs[v], aux_loss_coef=coef), lrs[v][0], s, args)
                          for s in range(args.seeds)] for coef in args.aux for v in args.variants}
@@ -1290,7 +1306,8 @@ def bench_balance(args):
 
 def balance_table(res):
     lines = [f"Load balance: {res['dataset']}, {res['steps']} steps; routing of the training batches over the last "
-             f"10% of steps, mean ± std over {res['seeds']} seeds; Ent_load is at most ln E = {res['ent_load_max']:.3f}, "
+             f"10% of steps, mean ± std over {res['seeds']} seeds; Ent_load is at most "
+             f"ln E = {res['ent_load_max']:.3f}, "
              f"a load of 1/E = {1 / res['base_config']['n_expert']:.3f} per expert is perfect balance", "",
              "| variant | aux_loss_coef | layer | Ent_load | max load | min load | max / min | val loss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

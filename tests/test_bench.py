@@ -152,8 +152,9 @@ def test_runs_are_paired_across_variants_and_keyed_by_their_options(tmp_path):
     specs = [bench.run_spec(v, c, lr, 1, args) for (v, c), lr in zip(configs.items(), (1e-3, 2e-3, 3e-3, 4e-3))]
     model_keys = set(dataclasses.asdict(base))
     for s in specs:   # the same seed: identical data, order, evaluation and schedule; only the model and lr differ
-        rest = {k: v for k, v in s["options"].items() if k not in model_keys | {"learning_rate", "min_lr"}}
-        assert rest == {k: v for k, v in specs[0]["options"].items() if k not in model_keys | {"learning_rate", "min_lr"}}
+        skip = model_keys | {"learning_rate", "min_lr"}
+        rest = {k: v for k, v in s["options"].items() if k not in skip}
+        assert rest == {k: v for k, v in specs[0]["options"].items() if k not in skip}
         assert rest["seed"] == 1 and s["options"]["min_lr"] == pytest.approx(s["options"]["learning_rate"] / 10)
         cmd = bench.train_command(s)
         assert cmd[1].endswith("train.py") and f"--seed=1" in cmd and f"--ffn={s['options']['ffn']!r}" in cmd
@@ -162,7 +163,8 @@ def test_runs_are_paired_across_variants_and_keyed_by_their_options(tmp_path):
     assert bench.run_spec("uoe", configs["uoe"], 4e-3, 2, args)["dir"] != specs[3]["dir"]
     abl = {a: bench.ablation_config(base, a) for a in bench.ABLATIONS}
     assert abl["uoe"] == base and abl["no_vse"].vse is False and abl["norm_inf"].route_norm == "inf"
-    assert abl["n_routing_half"].n_routing == base.n_routing // 2 and abl["n_routing_double"].n_routing == 2 * base.n_routing
+    assert abl["n_routing_half"].n_routing == base.n_routing // 2
+    assert abl["n_routing_double"].n_routing == 2 * base.n_routing
 
 
 # ---- end to end --------------------------------------------------------------------------------
@@ -262,11 +264,13 @@ def test_quality_sweeps_then_runs_seeds_reports_pairs_and_skips_finished_runs(st
     printed = capsys.readouterr().out
     assert "| uoe − moe |" in printed and "ETA" in printed
     runs = sorted((tmp_path / "runs").iterdir())
-    assert len(runs) == 6 and all((r / "result.json").is_file() and not (r / "train" / "ckpt.pt").exists() for r in runs)
+    assert len(runs) == 6
+    assert all((r / "result.json").is_file() and not (r / "train" / "ckpt.pt").exists() for r in runs)
     # every run is a train.py run whose recipe is the same for all variants of a seed
     recipes = [json.loads((r / "train" / "run.json").read_text())["train"] for r in runs]
     drop = {"learning_rate", "min_lr", "out_dir"}
-    assert len({json.dumps({k: v for k, v in t.items() if k not in drop}, sort_keys=True) for t in recipes}) == 2  # 2 seeds
+    same = {json.dumps({k: v for k, v in t.items() if k not in drop}, sort_keys=True) for t in recipes}
+    assert len(same) == 2                                           # one recipe per seed
 
     # a rerun skips what finished; a run whose result is missing (interrupted) runs again
     (runs[0] / "result.json").unlink()
@@ -325,7 +329,8 @@ def test_a_diverged_run_is_a_result_and_a_broken_one_a_one_line_error(study, tmp
 
 def test_study_runs_train_py_in_a_subprocess(tmp_path, data):
     """The real launcher: one run of `python train.py ...` (a few seconds)."""
-    assert bench.main(["balance", *STUDY_MICRO, "--data_dir", str(data), "--dataset", "tiny", "--out_dir", str(tmp_path),
+    assert bench.main(["balance", *STUDY_MICRO, "--data_dir", str(data), "--dataset", "tiny",
+                       "--out_dir", str(tmp_path),
                        "--variants", "uoe", "--aux", "0", "--seeds", "1", "--lr", "1e-3"]) == 0
     run, = (tmp_path / "runs").iterdir()
     assert "done: 3 steps" in (run / "train.log").read_text()
