@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 import uoe
-from train import mfu_peak   # the one table of GPU peaks for MFU
+from train import UserError, mfu_peak   # the project's one UserError; the one table of GPU peaks for MFU
 from uoe import FFN_VARIANTS, GPT, GPTConfig, flops_breakdown, flops_per_token, match_config, param_counts
 
 REPO = Path(__file__).resolve().parent
@@ -68,10 +68,6 @@ PRESETS = {
                 n_expert=8, top_k=2, expert_hidden=1024, dtype="bfloat16", compile="both", reps=20, warmup=3,
                 multiple_of=64),
 }
-class UserError(Exception):
-    """A mistake the user can fix; main() prints it as one `error: ...` line and exits 2."""
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):           # argparse's own errors, one line, same convention
         raise UserError(f"{message}; see python {self.prog} --help")
