@@ -1090,10 +1090,15 @@ def bench_quality(args):
                    for a, b in COMPARISONS if a in rows and b in rows}
     result = dict(command="quality", **settings(args, base), lrs=args.lrs, best_lr=best, variants=rows,
                   comparisons=comparisons, seconds=time.time() - t0)
+    return report(result, quality_table, args, plot_quality, "quality_curves.png")
+
+
+def report(result, table, args, plot=None, figure=None):
+    """A study command's end: print its table, draw its figure (unless --plot off), write its JSON."""
     print()
-    print(quality_table(result))
-    if args.plot == "on":
-        result["figure"] = plot_quality(result, Path(args.out_dir) / "quality_curves.png")
+    print(table(result))
+    if plot is not None and args.plot == "on":
+        result["figure"] = plot(result, Path(args.out_dir) / figure)
     write_json(args.json, result)
     return result
 
@@ -1292,12 +1297,7 @@ def bench_balance(args):
                   configs={v: describe(c, base) for v, c in configs.items()}, rows=rows, ent_load_diffs=ent_diffs,
                   curves=curves,
                   ent_load_max=math.log(base.n_expert), seconds=time.time() - t0)
-    print()
-    print(balance_table(result))
-    if args.plot == "on":
-        result["figure"] = plot_balance(result, Path(args.out_dir) / "balance.png")
-    write_json(args.json, result)
-    return result
+    return report(result, balance_table, args, plot_balance, "balance.png")
 
 
 def balance_table(res):
