@@ -8,35 +8,22 @@ Turn a text source into data/<name>/{train.bin, val.bin, meta.json} for train.py
     python data/prepare.py --input PATH [PATH ...] --name NAME [--tokenizer char|gpt2] [--val_fraction 0.1]
                            [--out_dir DIR] [--bpe_dir DIR]
 
-PATH is a file (any name: text, Python source, ...), or a folder searched recursively for text and
-Python files (*.txt, *.md, *.rst, *.py, ...) that are read in sorted path order; several PATHs are read
-in the order given; all are joined (a newline is added after a file that lacks one).
-The text is streamed in chunks of a few MB, so a large dump needs little memory beyond the output.
-Token ids are stored as uint16 (uint32 when the vocabulary has more than 65536 entries); the last
-val_fraction of the token stream is val.bin, the rest train.bin. meta.json is renamed into place
-last: a folder without meta.json is not a prepared dataset.
-
-GPT-2 BPE is built from encoder.json + vocab.bpe in --bpe_dir, $UOE_BPE_DIR or, by default, the
-copy shipped in data/gpt2 (data/README.md): the same encoding as tiktoken.get_encoding("gpt2"),
-with no download. tiny Shakespeare is --input, $UOE_SHAKESPEARE or, by default, the copy shipped
-as data/tinyshakespeare.txt; only a clone that lacks it downloads it.
-
-pystdlib / pystdlib_char need no network and no file of this repository: the *.py files of the
-running interpreter's standard library (sysconfig's "stdlib" folder) without test folders (test,
-tests, idle_test) and site-packages, about 12 MB in Python 3.11, in a fixed pseudo-random order of
-their paths (sha256), so that val.bin is a sample of modules rather than the alphabetical tail;
-meta.json records the Python version (another version gives other data). pystdlib_char maps the few
-non-ASCII characters (0.03% of them in 3.11: curly quotes, accented names, ...) to U+FFFD, so its
-vocabulary is the ASCII characters that occur plus that one (97 in 3.11).
+PATH: a file, or a folder whose text and Python files are read in sorted order; files are joined with a
+newline after one that lacks it. val.bin is the last val_fraction of the tokens. GPT-2 BPE comes from
+--bpe_dir, $UOE_BPE_DIR or the shipped data/gpt2 (data/README.md), with no download. pystdlib* is the
+running Python's standard library without tests and build-generated files, so another Python (version,
+build, distribution) gives another corpus: meta.json records which, and the sha256 of the tokenized text.
 """
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +38,12 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".
 STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}   # folders left out of pystdlib
 UNK = "\ufffd"               # pystdlib_char: what a non-ASCII character becomes
 CHUNK_CHARS = 4 << 20        # characters per streamed chunk
-PARALLEL_BYTES = 32 << 20    # below this a process pool costs more than it saves
-R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LAST_CUT = re.compile(r".*\S(?=[ \n])", re.DOTALL)   # greedy: up to the last non-space before a space/newline
 
 
 class DataError(Exception):
     """A problem the user can fix; main() prints it as one `error: ...` line."""
 
-
-# -----------------------------------------------------------------------------
-# tokenizers
 
 def find_bpe_dir(bpe_dir=None):
     """Folder with GPT-2's encoder.json + vocab.bpe, or None when there is no local copy."""
@@ -87,10 +70,7 @@ def gpt2_encoding(bpe_dir):
                             "put encoder.json and vocab.bpe in a folder and pass --bpe_dir or set "
                             "UOE_BPE_DIR") from None
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    try:
-        from tiktoken_ext.openai_public import r50k_pat_str as pat  # the exact pattern of this tiktoken version
-    except ImportError:
-        pat = R50K_PAT
+    from tiktoken_ext.openai_public import r50k_pat_str   # GPT-2's pre-token pattern, as tiktoken spells it
     cache = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # "" = read the local files directly, copy nothing into a cache
     try:
@@ -101,20 +81,12 @@ def gpt2_encoding(bpe_dir):
             del os.environ["TIKTOKEN_CACHE_DIR"]
         else:
             os.environ["TIKTOKEN_CACHE_DIR"] = cache
-    return tiktoken.Encoding(name="gpt2", pat_str=pat, mergeable_ranks=ranks,
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
 
 
-def char_encoder(itos):
-    """Vectorised char -> id through a table indexed by code point (at most 1.1M entries)."""
-    codes = np.array([ord(c) for c in itos], dtype=np.int64)
-    table = np.zeros(codes.max() + 1, dtype=np.uint32)
-    table[codes] = np.arange(len(codes))
-    return lambda text: table[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
-
-
-def dtype_for(vocab_size):
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+def code_points(text):
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)   # (len(text),)
 
 
 def read_meta(data_dir):
@@ -142,69 +114,45 @@ def get_tokenizer(meta, bpe_dir=None):
     return enc.encode_ordinary, lambda ids: enc.decode([int(i) for i in ids])
 
 
-def load_tokenizer(data_dir, bpe_dir=None):
-    return get_tokenizer(read_meta(data_dir), bpe_dir)
-
-
-# -----------------------------------------------------------------------------
-# sources
-
 def input_files(paths):
-    """The files of one or several --input paths, in the order given (see text_files)."""
+    """The files of one or several --input paths, in the order given: a file whatever its name, a folder's
+    TEXT_SUFFIXES files (recursive, sorted by path, hidden ones skipped)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not paths:
-        raise DataError("no --input given; name a file or folder")
-    files = [f for p in paths for f in text_files(p, check_empty=False)]
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DataError(f"{path} does not exist; give an existing text file or folder")
+        found = [path] if path.is_file() else sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+            key=lambda p: p.relative_to(path).as_posix())
+        if not found:
+            raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in {path}; give a folder that "
+                            "has some")
+        files += found
     if sum(p.stat().st_size for p in files) == 0:
         raise DataError(f"{' '.join(map(str, paths))} {'is' if len(paths) == 1 else 'are'} empty (no text); "
                         "give a file or folder with text in it")
     return files
 
 
-def text_files(path, check_empty=True):
-    """The text files of a file or folder (recursive, sorted, hidden ones skipped)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path} does not exist; give an existing text file or folder")
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                        and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-                       key=lambda p: p.relative_to(path).as_posix())
-        if not files:
-            raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in {path}; give a folder that "
-                            "has some")
-    if check_empty and sum(p.stat().st_size for p in files) == 0:
-        raise DataError(f"{path} is empty (no text); give a file or folder with text in it")
-    return files
-
-
 def stdlib_files(root=None):
-    """(files, root): the standard library's *.py files (default: the running interpreter's),
-    without STDLIB_SKIP folders, ordered by the sha256 of their path relative to root."""
+    """(files, root): the standard library's *.py files (default: the running interpreter's) without
+    STDLIB_SKIP folders and build-generated files, ordered by the sha256 of their path relative to root."""
     import sysconfig
     root = Path(root or sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise DataError(f"no standard library folder at {root}; use --input with your own files instead")
-    files = [p for p in root.rglob("*.py") if p.is_file()
-             and not STDLIB_SKIP & set(p.relative_to(root).parts[:-1])]
+
+    def kept(rel):  # _sysconfigdata_*.py and config-3.x-*/python-config.py embed the install path and flags
+        folders = rel.parts[:-1]
+        return not (STDLIB_SKIP & set(folders) or rel.name.startswith("_sysconfigdata")
+                    or any(f.startswith("config-") for f in folders))
+    files = [p for p in root.rglob("*.py") if p.is_file() and kept(p.relative_to(root))]
     if not files:
         raise DataError(f"no *.py files under {root}; use --input with your own files instead")
     files.sort(key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
     return files, root
-
-
-NON_ASCII = re.compile(r"[^\x00-\x7f]")
-
-
-def ascii_pieces(pieces, counter=None):
-    """The pieces with every non-ASCII character replaced by UNK (counted into counter[0])."""
-    for piece in pieces:
-        new, n = NON_ASCII.subn(UNK, piece)
-        if counter is not None:
-            counter[0] += n
-        yield new
 
 
 def download(url, dest, timeout=10):
@@ -220,7 +168,7 @@ def shakespeare_files(out_dir):
     """(files, source label) of tiny Shakespeare: $UOE_SHAKESPEARE, the shipped copy, an earlier
     download, else a download. A dataset is what its name says: no stand-in text."""
     if os.environ.get("UOE_SHAKESPEARE"):
-        return text_files(os.environ["UOE_SHAKESPEARE"]), str(Path(os.environ["UOE_SHAKESPEARE"]).resolve())
+        return input_files(os.environ["UOE_SHAKESPEARE"]), str(Path(os.environ["UOE_SHAKESPEARE"]).resolve())
     for p in (BUNDLED_SHAKESPEARE, out_dir / "input.txt"):
         if p.is_file():
             return [p], str(p.resolve())
@@ -233,104 +181,45 @@ def shakespeare_files(out_dir):
     return [out_dir / "input.txt"], SHAKESPEARE_URL
 
 
-def sha256_of(files):
-    h = hashlib.sha256()
-    for p in files:
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+# -----------------------------------------------------------------------------
+# Streaming, the one part here for inputs far larger than the shipped data: the text is read a few MB at a
+# time and cut where no GPT-2 pre-token can span; prepare() encodes the chunks on several threads.
 
-
-def read_pieces(files, chunk_chars):
-    """The joined text of files, chunk_chars characters at a time (never a whole file at once)."""
-    owed = False  # a newline owed after a file that does not end with one, so lines never merge
+def text_chunks(files, chunk_chars, sha=None):
+    """The files' text joined (a newline added after a file that lacks one) and hashed into sha, in chunks
+    of about chunk_chars that each end at a non-space character followed by a space or newline. No GPT-2
+    pre-token spans such a point, so encoding chunk by chunk gives exactly the ids of the whole text."""
+    buf, end = "", "\n"  # end: the text's last character so far
     for path in files:
-        last = ""
+        sep = "" if end == "\n" else "\n"   # owed to the first piece of the next non-empty file
         try:
             with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as it is
                 while piece := f.read(chunk_chars):
-                    if owed:
-                        yield "\n"
-                    owed, last = False, piece
-                    yield piece
+                    piece, sep, end = sep + piece, "", piece[-1]
+                    if sha:
+                        sha.update(piece.encode())
+                    buf += piece
+                    m = LAST_CUT.match(buf) if len(buf) >= chunk_chars else None
+                    if m is None and len(buf) < max(4 * chunk_chars, 1 << 20):
+                        continue  # no cut point yet; past 4 chunks (1M characters at least) cut anyway
+                    if m is None:
+                        print("note: no space or newline in 1M+ characters: cut there anyway; GPT-2 ids at "
+                              "that point may differ from encoding the text in one piece", file=sys.stderr)
+                    cut = m.end() if m else len(buf)
+                    yield buf[:cut]
+                    buf = buf[cut:]
         except UnicodeDecodeError:
             raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) or "
                             "remove it") from None
-        owed = owed or (last != "" and not last.endswith("\n"))
-
-
-SAFE_CUT = re.compile(r"\S(?=[ \n])")
-
-
-def safe_chunks(pieces, chunk_chars):
-    """Regroup text into chunks of about chunk_chars, each cut just before a space or newline that
-    follows a non-space character. No GPT-2 pre-token crosses such a point, so encoding chunk by
-    chunk gives exactly the ids of encoding the whole text at once."""
-    buf = ""
-    for piece in pieces:
-        buf += piece
-        if len(buf) < chunk_chars:
-            continue
-        cut = None
-        for start in (max(0, len(buf) - 4096), 0):  # a cut point is nearly always near the end
-            for m in SAFE_CUT.finditer(buf, start):
-                cut = m.end()
-            if cut:
-                break
-        if cut is None and len(buf) < max(4 * chunk_chars, 1 << 20):
-            continue  # no space or newline yet; past 4 chunks (1M chars at least) cut anyway to bound memory
-        if cut is None:
-            print("note: no space or newline in 1M+ characters: cut there anyway; GPT-2 ids at that point "
-                  "may differ from encoding the text in one piece", file=sys.stderr)
-        cut = cut or len(buf)
-        yield buf[:cut]
-        buf = buf[cut:]
     if buf:
         yield buf
 
 
-_pool_encode = None
-
-
-def _pool_init(bpe_dir):
-    global _pool_encode
-    enc = gpt2_encoding(bpe_dir)
-    _pool_encode = enc.encode_ordinary
-
-
-def _pool_call(text):
-    return np.array(_pool_encode(text), dtype=np.uint16)
-
-
-def encode_chunks(chunks, encode, workers, bpe_dir):
-    """encode(chunk) for each chunk in order; with workers > 1 (GPT-2 only) on a process pool.
-    Pool.imap would read the whole input ahead, so only 2 chunks per worker are kept in flight."""
-    if workers <= 1:
-        yield from map(encode, chunks)
-        return
-    import collections
-    import multiprocessing
-    # spawn, not fork: a process that has started threads (torch's, when train.py prepares data) can
-    # fork a child while some thread holds a lock, and the child then waits on that lock forever
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(workers, initializer=_pool_init, initargs=(bpe_dir,)) as pool:
-        pending = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_pool_call, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-# -----------------------------------------------------------------------------
-# prepare
-
 def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bpe_dir=None,
-            chunk_chars=CHUNK_CHARS, workers=None, stdlib_root=None):
+            chunk_chars=CHUNK_CHARS, workers=min(8, os.cpu_count() or 1), stdlib_root=None):
     """Write out_dir (default data/<name>)/{train.bin, val.bin, meta.json}; returns out_dir.
-    input: a path or a list of paths; stdlib_root: the folder pystdlib* reads (default: this Python's)."""
+    input: a path or a list of paths; stdlib_root: the folder pystdlib* reads (default: this Python's);
+    workers: threads that encode (the ids do not depend on it)."""
     t0 = time.time()
     if input is None and name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; use {' or '.join(DATASETS)}, or give --input PATH --name {name}")
@@ -354,53 +243,49 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
     except OSError as e:
         raise DataError(f"cannot write to {out_dir} ({e.strerror}); choose another --out_dir") from None
 
+    meta = {"name": name, "tokenizer": tokenizer}
     if stdlib:
         source = f"Python {sys.version.split()[0]} standard library: {stdlib_root.resolve()}"
+        meta.update(python_version=sys.version, python_implementation=sys.implementation.name,
+                    excluded=sorted(STDLIB_SKIP) + ["_sysconfigdata*.py", "config-*/"])
     elif files is None:
         files, source = shakespeare_files(out_dir)
     else:
-        paths = [input] if isinstance(input, (str, os.PathLike)) else input
-        source = " ".join(str(Path(p).resolve()) for p in paths)
-    meta = {"name": name, "tokenizer": tokenizer}
-    to_ascii = stdlib and tokenizer == "char"
+        source = " ".join(str(Path(p).resolve()) for p in ([input] if isinstance(input, (str, os.PathLike)) else input))
 
-    def pieces(counter=None):
-        text = read_pieces(files, chunk_chars)
-        return ascii_pieces(text, counter) if to_ascii else text
-    if stdlib:
-        meta.update(python_version=sys.version.split()[0], excluded_folders=sorted(STDLIB_SKIP),
-                    order="files sorted by the sha256 of their path relative to the stdlib folder")
     if tokenizer == "char":  # the vocabulary needs a first pass over the text
-        chars, mapped = set(), [0]
-        for piece in pieces(mapped):
-            chars.update(piece)
-        if to_ascii:
-            meta.update(unk=UNK, non_ascii_mapped_to_unk=mapped[0])
-        meta["itos"] = sorted(chars)
+        counts = np.zeros(0x110000, dtype=np.int64)     # (code points,) occurrences in the text
+        for chunk in text_chunks(files, chunk_chars):
+            n = np.bincount(code_points(chunk))
+            counts[:len(n)] += n
+        table = np.arange(len(counts))                   # code point -> the character it is encoded as
+        if stdlib:  # pystdlib_char: every non-ASCII character becomes UNK
+            table[128:] = ord(UNK)
+            meta.update(unk=UNK, non_ascii_mapped_to_unk=int(counts[128:].sum()))
+        present = np.unique(table[counts > 0])           # (vocab_size,) in code point order
+        meta["itos"] = [chr(c) for c in present]
         meta["stoi"] = {c: i for i, c in enumerate(meta["itos"])}
-        vocab_size, encode, bpe_dir = len(chars), char_encoder(meta["itos"]), None
+        table = np.searchsorted(present, table).astype(np.uint32)   # code point -> token id
+        vocab_size, encode = len(present), lambda text: table[code_points(text)]
     else:
         bpe_dir = find_bpe_dir(bpe_dir)
         enc = gpt2_encoding(bpe_dir)
-        vocab_size, encode = enc.n_vocab, _pool_call
-        _pool_init(bpe_dir)  # single-process encoding uses the same function as the pool workers
+        vocab_size, encode = enc.n_vocab, enc.encode_ordinary   # tiktoken releases the GIL: threads run in parallel
         meta["bpe"] = bpe_dir or "tiktoken gpt2"
-    if workers is None:  # several processes only pay off for large inputs
-        big = sum(p.stat().st_size for p in files) >= PARALLEL_BYTES
-        workers = min(8, os.cpu_count() or 1) if big else 1
-    if tokenizer == "char":
-        workers = 1  # numpy char encoding is far faster than the text can be shipped to workers
-    dtype = dtype_for(vocab_size)
+    dtype, sha = (np.uint16 if vocab_size <= 1 << 16 else np.uint32), hashlib.sha256()
+    itemsize = np.dtype(dtype).itemsize
 
     tmp = {f: out_dir / f"{f}.{os.getpid()}.tmp" for f in ("train.bin", "val.bin", "meta.json")}
     try:
-        # all tokens go to the train file first; the last val_fraction then moves to val.bin
-        itemsize = np.dtype(dtype).itemsize
-        with open(tmp["train.bin"], "wb") as f:
-            chunks = safe_chunks(pieces(), chunk_chars)
-            for i, ids in enumerate(encode_chunks(chunks, encode, workers, bpe_dir), 1):
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
-                if i % 64 == 0:  # a sign of life on GB-sized inputs
+        # all tokens go to the train file first, `workers` chunks at a time; the last val_fraction then
+        # moves to val.bin
+        chunks = text_chunks(files, chunk_chars, sha)
+        batches = iter(lambda: list(itertools.islice(chunks, workers)), [])
+        with open(tmp["train.bin"], "wb") as f, ThreadPoolExecutor(workers) as pool:
+            for i, batch in enumerate(batches, 1):
+                for ids in pool.map(encode, batch):
+                    f.write(np.asarray(ids, dtype=dtype).tobytes())
+                if i % 16 == 0:  # a sign of life on GB-sized inputs
                     print(f"{name}: {f.tell() // itemsize:,} tokens so far", flush=True)
         n = tmp["train.bin"].stat().st_size // itemsize
         n_val = int(n * val_fraction)
@@ -414,7 +299,7 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
             f.truncate((n - n_val) * itemsize)
         meta.update(vocab_size=vocab_size, dtype=np.dtype(dtype).name, train_tokens=n - n_val, val_tokens=n_val,
                     val_fraction=val_fraction, split="val.bin = the last val_fraction of the token stream",
-                    source=source, source_files=len(files), source_sha256=sha256_of(files))
+                    source=source, source_files=len(files), source_sha256=sha.hexdigest())
         tmp["meta.json"].write_text(json.dumps(meta, indent=1))
         # an old meta.json goes first and the new one comes last, so a crash in between leaves
         # a folder that reads as "not prepared", never a mix of old and new files
@@ -447,7 +332,7 @@ def main(argv=None):
     p.add_argument("dataset", nargs="?", help=f"{' or '.join(DATASETS)} (or use --input and --name)")
     p.add_argument("--input", nargs="+", help="files (any suffix: .txt, .py, ...) and/or folders of text and .py files")
     p.add_argument("--name", help="dataset name (default: the input's file name)")
-    p.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char for shakespeare_char, else gpt2")
+    p.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char for *_char datasets, else gpt2")
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--out_dir", help="default: data/<name>")
     p.add_argument("--bpe_dir", help="folder with GPT-2's encoder.json and vocab.bpe (or set UOE_BPE_DIR)")

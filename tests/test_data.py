@@ -1,4 +1,5 @@
 """Tests for data/prepare.py: offline, a few seconds in all."""
+import hashlib
 import json
 import os
 import subprocess
@@ -48,17 +49,16 @@ def test_char_dataset_round_trips(tmp_path):
     assert meta["tokenizer"] == "char" and meta["dtype"] == "uint16"
     assert meta["itos"] == sorted(set(text)) and meta["vocab_size"] == len(set(text))
     assert len(train) + len(val) == len(text) and len(val) == int(len(text) * 0.1)
-    encode, decode = prep.load_tokenizer(out)
+    encode, decode = prep.get_tokenizer(prep.read_meta(out))
     assert decode(np.concatenate([train, val])) == text
     assert decode(val) == text[-len(val):]  # val is the end of the stream
     assert encode(text[:100]) == train[:100].tolist()
-    import hashlib
     assert meta["source_sha256"] == hashlib.sha256(text.encode()).hexdigest()
 
 
 def test_char_encode_refuses_unknown_characters(tmp_path):
     out = prep.prepare("tiny", input=write(tmp_path / "in.txt", "abc\n" * 50), tokenizer="char", out_dir=tmp_path / "o")
-    encode, _ = prep.load_tokenizer(out)
+    encode, _ = prep.get_tokenizer(prep.read_meta(out))
     with pytest.raises(prep.DataError, match="not in the dataset's vocabulary"):
         encode("abz")
 
@@ -84,7 +84,7 @@ def test_gpt2_from_local_files_offline(tmp_path, monkeypatch):
     meta, train, val = load(out)
     assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
     assert np.concatenate([train, val]).tolist() == enc.encode_ordinary(text)
-    encode, decode = prep.load_tokenizer(out)
+    encode, decode = prep.get_tokenizer(prep.read_meta(out))
     assert encode("Hello world") == [15496, 995] and decode(train) + decode(val) == text
 
 
@@ -114,8 +114,9 @@ def test_folder_input_is_recursive_sorted_and_text_only(tmp_path):
     out = prep.prepare("folder", input=src, tokenizer="char", out_dir=tmp_path / "o")
     meta, train, val = load(out)
     _, decode = prep.get_tokenizer(meta)
-    assert decode(np.concatenate([train, val])) == "see\n" * 20 + "dee" * 20 + "\n" + "bee\n" * 20
-    assert meta["source_files"] == 3
+    joined = "see\n" * 20 + "dee" * 20 + "\n" + "bee\n" * 20
+    assert decode(np.concatenate([train, val])) == joined
+    assert meta["source_files"] == 3 and meta["source_sha256"] == hashlib.sha256(joined.encode()).hexdigest()
 
 
 
@@ -142,6 +143,9 @@ def fake_stdlib(root):
     for skipped in ("test/test_os.py", "json/tests/t.py", "idlelib/idle_test/t.py", "site-packages/pkg/m.py"):
         write(root / skipped, "SKIPPED\n")
     write(root / "README.txt", "not python\n")
+    # generated at build time: they hold the install path and compiler flags, which differ between machines
+    write(root / "_sysconfigdata__linux_x86_64-linux-gnu.py", "GENERATED = {'prefix': '/opt/py'}\n")
+    write(root / "config-3.11-x86_64-linux-gnu" / "python-config.py", "#!/opt/py/bin/python3.11\nGENERATED\n")
     return root
 
 
@@ -152,8 +156,9 @@ def test_pystdlib_reads_the_stdlib_python_files_without_tests(tmp_path, name):
     meta, train, val = load(out)
     _, decode = prep.get_tokenizer(meta)
     text = decode(np.concatenate([train, val]))
-    assert "SKIPPED" not in text and "not python" not in text and "import sys" in text and "x = 1" in text
-    assert meta["source_files"] == 3 and meta["python_version"] == sys.version.split()[0]
+    assert "GENERATED" not in text and "SKIPPED" not in text and "not python" not in text and "import sys" in text and "x = 1" in text
+    assert meta["source_files"] == 3 and meta["python_version"] == sys.version   # with its build and compiler
+    assert meta["python_implementation"] == sys.implementation.name
     assert meta["tokenizer"] == ("char" if name == "pystdlib_char" else "gpt2")
     files, _ = prep.stdlib_files(root)          # a fixed order (sha256 of the relative path), not alphabetical
     assert sorted(files) == sorted([root / "os.py", root / "json" / "__init__.py", root / "json" / "decoder.py"])
@@ -162,15 +167,17 @@ def test_pystdlib_reads_the_stdlib_python_files_without_tests(tmp_path, name):
         assert "# caf\ufffd \ufffdquoted\ufffd" in text
         assert all(ord(c) < 128 for c in meta["itos"] if c != prep.UNK) and prep.UNK in meta["itos"]
         assert meta["non_ascii_mapped_to_unk"] == 3
-    else:                                         # GPT-2 BPE keeps them
+    else:                                         # GPT-2 BPE keeps them, and decodes to the hashed text
         assert "caf\u00e9 \u201cquoted\u201d" in text
+        assert meta["source_sha256"] == hashlib.sha256(text.encode()).hexdigest()
 
 
 def test_pystdlib_of_the_running_python_lists_its_modules():
     files, root = prep.stdlib_files()
     rel = {p.relative_to(root).as_posix() for p in files}
     assert "os.py" in rel and "json/decoder.py" in rel
-    assert not any(part in prep.STDLIB_SKIP for r in rel for part in r.split("/")[:-1])
+    assert not any(part in prep.STDLIB_SKIP or part.startswith("config-") for r in rel for part in r.split("/")[:-1])
+    assert not any(r.startswith("_sysconfigdata") for r in rel)
 
 @pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
 def test_streaming_in_tiny_chunks_equals_single_shot(tmp_path, tokenizer):
@@ -185,14 +192,14 @@ def test_streaming_in_tiny_chunks_equals_single_shot(tmp_path, tokenizer):
         assert ids == prep.gpt2_encoding(prep.find_bpe_dir()).encode_ordinary(text)
 
 
-def test_safe_chunks_keep_the_text_and_cut_before_whitespace():
+def test_text_chunks_keep_the_text_and_cut_after_a_non_space_before_whitespace(tmp_path):
     text = TRICKY * 20
-    chunks = list(prep.safe_chunks(iter(text[i:i + 5] for i in range(0, len(text), 5)), 5))
-    assert "".join(chunks) == text and len(chunks) > 20
-    assert all(c[-1] not in " \n" or c is chunks[-1] for c in chunks)
+    chunks = list(prep.text_chunks([write(tmp_path / "a.txt", text), write(tmp_path / "b.txt", "x")], 5))
+    assert "".join(chunks) == text + "\nx" and len(chunks) > 20   # a newline after a file that lacks one
+    assert all(not c[-1].isspace() and n[0] in " \n" for c, n in zip(chunks, chunks[1:]))
 
 
-def test_multiprocess_output_is_identical_to_single_process(tmp_path):
+def test_several_threads_write_what_one_thread_writes(tmp_path):
     src = write(tmp_path / "in.txt", corpus() * 3 + TRICKY)
     one = prep.prepare("a", input=src, tokenizer="gpt2", out_dir=tmp_path / "one", chunk_chars=2000, workers=1)
     two = prep.prepare("a", input=src, tokenizer="gpt2", out_dir=tmp_path / "two", chunk_chars=2000, workers=2)
@@ -201,8 +208,6 @@ def test_multiprocess_output_is_identical_to_single_process(tmp_path):
 
 
 def test_uint32_when_vocab_exceeds_uint16(tmp_path):
-    assert prep.dtype_for(50257) == np.uint16 and prep.dtype_for(65536) == np.uint16
-    assert prep.dtype_for(65537) == np.uint32
     chars = [chr(c) for c in range(32, 32 + 72_000) if not 0xD800 <= c < 0xE000]  # no surrogates
     text = "".join(chars) * 2
     out = prep.prepare("wide", input=write(tmp_path / "in.txt", text), tokenizer="char", out_dir=tmp_path / "o")
@@ -213,7 +218,6 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
 
 def test_shipped_files_are_the_published_ones():
     """data/README.md's sha256: the tiny Shakespeare of char-rnn and the GPT-2 BPE files tiktoken checks."""
-    import hashlib
     expected = {prep.BUNDLED_SHAKESPEARE: "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
                 prep.BUNDLED_BPE / "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
                 prep.BUNDLED_BPE / "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
