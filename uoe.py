@@ -1,24 +1,21 @@
 """
-Union-of-Experts (UoE) in one file: a GPT whose feed-forward network is dense, a routed
-top-k MoE, Autonomy-of-Experts (AoE) or Union-of-Experts, selected by `GPTConfig.ffn`.
+Union-of-Experts (UoE) in one file: a GPT whose feed-forward network is dense, a routed top-k MoE,
+Autonomy-of-Experts (AoE) or Union-of-Experts, selected by `GPTConfig.ffn`. Section numbers (§) refer
+to METHOD.md, the project's specification.
 
-Read top to bottom; the sections, in the file's order:
-  1. GPTConfig: every model option, validated
-  2. attention (nanoGPT's) and swiglu, the FFN that every expert is
-  3. the FFNs: DenseFFN, then the routing helpers (load balance loss, float32 routing matmul, norms)
-  4. the expert dispatch shared by the routed FFNs (a readable loop, and grouped GEMMs for speed)
-  5. the routed FFNs MoEFFN, AoEFFN, UoEFFN (each maps to a section of METHOD.md)
-  6. the transformer Block, the GPT, and its routing statistics
-  7. accounting (params/FLOPs, match_config), 8. checkpoints, 9. the table `python uoe.py` prints
-Section numbers (§) refer to METHOD.md, the project's specification.
+Read from the top: the model's options, then the UoE layer (UoEFFN) and its one-token form
+(uoe_one_token, the definition the tests hold the layer to), then how the chosen experts run
+(dispatch, a readable loop shared by all routed layers), the baselines (dense, MoE, AoE), the GPT,
+and last the plumbing: the grouped-GEMM speed path, accounting, config checks, checkpoints.
 
 Shapes: B batch, T time, C = n_embd (d), N = B*T tokens, E = n_expert (n), K = top_k,
-D = expert_hidden, R = n_routing (N_s in the paper).
+D = expert_hidden, N_s = n_routing (routing neurons per expert).
 """
 
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -61,46 +58,394 @@ class GPTConfig:
             self.d_low = max(1, self.n_embd // 3)
         if self.n_routing is None:
             self.n_routing = max(1, self.expert_hidden // self.n_expert)
-        self.validate()
+        validate_config(self)     # a bad value raises one ValueError that names the field
 
-    def validate(self):
-        def bad(field, allowed):
-            raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
-        for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_expert", "expert_hidden"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                bad(f, "it must be an integer >= 1")
-        if self.ffn not in FFN_VARIANTS:
-            bad("ffn", f"it must be one of {', '.join(FFN_VARIANTS)}")
-        if self.n_embd % self.n_head != 0:
-            bad("n_embd", f"it must be divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", "it must be in [0, 1)")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_expert:
-            bad("top_k", f"it must be an integer in 1..n_expert={self.n_expert}")
-        if not isinstance(self.n_routing, int) or not 1 <= self.n_routing <= self.expert_hidden - 1:
-            bad("n_routing", f"it must be an integer in 1..expert_hidden-1={self.expert_hidden - 1}")
-        if not isinstance(self.d_low, int) or self.d_low < 1:
-            bad("d_low", "it must be an integer >= 1")
-        if not isinstance(self.n_shared, int) or self.n_shared < 0:
-            bad("n_shared", "it must be an integer >= 0")
-        if self.uoe_output not in ("once", "twice"):
-            bad("uoe_output", "it must be 'once' or 'twice'")
-        if self.route_score not in ("silu", "pre", "swiglu"):
-            bad("route_score", "it must be 'silu', 'pre' or 'swiglu'")
-        if self.route_norm not in (1, 2, "inf"):
-            bad("route_norm", "it must be 2, 1 or 'inf'")
-        for f in ("aux_loss_coef", "z_loss_coef"):
-            if getattr(self, f) < 0:
-                bad(f, "it must be >= 0")
-        if self.expert_path not in EXPERT_PATHS:
-            bad("expert_path", "it must be 'auto', 'loop' or 'grouped'")
-        if self.expert_path == "grouped" and GROUPED_MM is None:
-            bad("expert_path", f"'grouped' needs torch's grouped_mm, which torch {torch.__version__} lacks "
-                               "(use 'auto' or 'loop', or a newer torch)")
+
+def swiglu(x, w_gate, w_up, w_down, mm=torch.matmul):
+    """FFN(x) = (SiLU(x W_g) * (x W_p)) W_o  (§1), every FFN and every expert here; mm is the matmul
+    (the grouped-GEMM speed path passes its own)."""
+    return mm(F.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
 # -----------------------------------------------------------------------------
-# Attention (nanoGPT's, with F.scaled_dot_product_attention) and SwiGLU.
+# Union-of-Experts (§3). Each expert i is a SwiGLU FFN of width D whose first N_s hidden units are
+# its routing neurons; split it into those units' output R_i(x) and the rest's, Q_i(x).
+
+class UoEFFN(nn.Module):
+    """§3 Union-of-Experts: x (B, T, C) -> y (B, T, C).
+
+    Which experts a token visits: every expert's routing neurons run on every token (one matmul for
+    all experts); an expert's score is their activation intensity ||a_i||; the K highest win.
+    How the chosen are weighted: by gates g = softmax over the K winning scores.
+    The routing neurons of the experts NOT chosen still add their output R_i(x), unweighted, through
+    the virtual shared expert VSE(x) = sum over all experts of R_i(x), and so they keep learning from
+    every token. Default output: y = VSE(x) + sum_{i in I} g_i Q_i(x).
+    Switches (GPTConfig): uoe_output="twice" (chosen experts output g_i (R_i + Q_i), R_i counted
+    again), vse=False (no VSE: routing neurons only score, chosen output g_i (R_i + Q_i)),
+    route_score, route_norm. uoe_one_token below is this layer for one token, written plainly.
+    Leaves aux_loss (§4) and last_routing (detached tensors for statistics, §6) on itself."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, E, D = config.n_embd, config.n_expert, config.expert_hidden
+        self.config = config
+        self.n_routing = config.n_routing                    # N_s: units 0..N_s-1 of every expert
+        self.aux_loss = None                   # set by forward; here so that compiled guards never see it appear
+        self.w_gate = nn.Parameter(torch.empty(E, C, D))     # W_g^i, stacked over experts
+        self.w_up = nn.Parameter(torch.empty(E, C, D))       # W_p^i
+        self.w_down = nn.Parameter(torch.empty(E, D, C))     # W_o^i
+
+    def forward(self, x):
+        config = self.config
+        B, T, C = x.shape
+        x = x.reshape(-1, C)                                           # (N, C)
+        # Every expert's routing neurons on every token, in float32 or wider (§4).
+        pre, a = self.routing_activations(x)                           # (N, E, N_s) each: x W_g^i[:, :N_s], a_i
+        h = None                # the routing hidden units h_i = a_i * x W_p^i[:, :N_s] of all experts,
+        if config.vse or config.route_score == "swiglu":               # only where the VSE or the score needs them
+            h = self.routing_hidden(x, a)                              # (N, E, N_s)
+        # The score of expert i is the activation intensity of its routing neurons; the top K are chosen.
+        scores = self.activation_intensity(pre, a, h)                  # (N, E) s_i = ||a_i|| by default
+        top_s, topk_idx = scores.topk(config.top_k, dim=-1)            # (N, K) I = topK(s)
+        gates = F.softmax(top_s, dim=-1)                               # (N, K) g = softmax(s[I])
+        # The experts' matmuls run in the compute dtype (bf16 under autocast): the routing tensors they
+        # reuse are rounded to it here, once, the same for both expert paths.
+        dtype = compute_dtype(x)
+        a, h = a.to(dtype), (h.to(dtype) if h is not None else None)
+        # The chosen experts run their other units, weighted by the gates: sum_{i in I} g_i Q_i(x), (N, C);
+        # with uoe_output="twice" or vse=False each term is g_i (R_i(x) + Q_i(x)).
+        y = self.chosen_experts(x, topk_idx, gates, a, h)
+        self.aux_loss = load_balance_loss(scores, topk_idx)            # §4: the scores of all experts
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
+        if config.vse:            # the routing neurons of ALL experts, chosen or not, add R_i(x) unweighted
+            vse = self.virtual_shared_expert(h)                        # (N, C) VSE(x) = sum_i R_i(x)
+            self.last_routing["vse_norm"] = vse.detach().norm(dim=-1)
+            self.last_routing["routed_norm"] = y.detach().norm(dim=-1)
+            y = vse + y
+        return y.view(B, T, C)
+
+    def routing_neurons(self, w):
+        """The routing columns of all experts side by side: (E, C, D) -> (C, E*N_s), for one matmul."""
+        E, C, _ = w.shape
+        return w[:, :, :self.n_routing].transpose(0, 1).reshape(C, E * self.n_routing)
+
+    def routing_activations(self, x):
+        """x (N, C) through every expert's routing neurons: (pre, a), each (N, E, N_s): the
+        pre-activations x W_g^i[:, :N_s] and the routing activations a_i = SiLU(pre), in float32 or
+        wider also under bf16 autocast (routing_matmul), so that near-ties pick the float32 top-K."""
+        E = self.w_gate.shape[0]
+        pre = routing_matmul(x, self.routing_neurons(self.w_gate)).view(-1, E, self.n_routing)
+        return pre, F.silu(pre)
+
+    def routing_hidden(self, x, a):
+        """The routing neurons' hidden units h_i = a_i * x W_p^i[:, :N_s] of every expert, (N, E, N_s).
+        x W_p runs in float32 or wider only where the score depends on it (route_score="swiglu");
+        else in the compute dtype, like every matmul that only produces output."""
+        E = self.w_up.shape[0]
+        matmul = routing_matmul if self.config.route_score == "swiglu" else torch.matmul
+        return a * matmul(x, self.routing_neurons(self.w_up)).view(-1, E, self.n_routing)
+
+    def activation_intensity(self, pre, a, h):
+        """The scores s_i, (N, E): the route_norm norm of a_i (route_score="silu"), of the
+        pre-activations ("pre", as AoE scores) or of the hidden units h_i ("swiglu")."""
+        v = a
+        if self.config.route_score == "pre":
+            v = pre
+        if self.config.route_score == "swiglu":
+            v = h
+        return lp_norm(v, self.config.route_norm)
+
+    def chosen_experts(self, x, topk_idx, gates, a, h=None):
+        """sum over the chosen i of g_i Q_i(x), (N, C); with uoe_output="twice" or vse=False of
+        g_i (R_i(x) + Q_i(x)). R_i(x) = h_i W_o^i[:N_s] reuses the hidden units h (N, E, N_s) where
+        they were computed for all experts, else the chosen experts finish them from a (N, E, N_s).
+        x (N, C); topk_idx, gates (N, K); a and h in the compute dtype. The choice may come from
+        anywhere (e.g. another router): only topk_idx and gates say which experts and how much."""
+        config, weights = self.config, self.expert_weights()
+        path = resolve_expert_path(config, x.device, compute_dtype(x))
+        if config.vse and config.uoe_output == "once":                 # R_i is in the VSE already
+            out = dispatch(x, topk_idx, swiglu_expert, weights, path=path)
+        elif h is not None:
+            out = dispatch(x, topk_idx, uoe_expert_from_h, weights, reused=h, path=path)
+        else:                             # no VSE, score without h: h_i only for the chosen experts
+            out = dispatch(x, topk_idx, uoe_expert_from_a, weights, reused=a, path=path)
+        # out (N, K, C): expert topk_idx[t, k]'s output on token t; the gated sum over the K chosen
+        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+
+    def virtual_shared_expert(self, h):
+        """VSE(x) = sum over ALL experts i of R_i(x) = h_i W_o^i[:N_s], unweighted (N, C): an ordinary
+        SwiGLU FFN of width E*N_s made of every expert's routing neurons (§3), here one matmul on
+        their hidden units h (N, E, N_s), in the compute dtype."""
+        E, _, C = self.w_down.shape
+        w_down_routing = self.w_down[:, :self.n_routing, :].reshape(E * self.n_routing, C)   # (E*N_s, C)
+        return h.reshape(-1, E * self.n_routing) @ w_down_routing
+
+    def expert_weights(self):
+        """UoEExpertWeights of all experts. Slicing the stacked tensors once, rather than each expert's,
+        keeps backward at one copy per tensor."""
+        Ns = self.n_routing
+        return UoEExpertWeights(gate=self.w_gate[:, :, Ns:], up=self.w_up[:, :, Ns:], down=self.w_down[:, Ns:],
+                                routing_up=self.w_up[:, :, :Ns], routing_down=self.w_down[:, :Ns])
+
+
+class UoEExpertWeights(NamedTuple):
+    """What a chosen UoE expert computes with, each stacked over experts (dispatch hands the expert
+    functions one expert's, or all for the grouped path): Q_i's units N_s..D-1 and R_i's W_p, W_o.
+    (R_i's W_g columns act in scoring only: a_i comes in computed.)"""
+    gate: torch.Tensor            # W_g^i[:, N_s:]  (E, C, D-N_s)
+    up: torch.Tensor              # W_p^i[:, N_s:]  (E, C, D-N_s)
+    down: torch.Tensor            # W_o^i[N_s:]     (E, D-N_s, C)
+    routing_up: torch.Tensor      # W_p^i[:, :N_s]  (E, C, N_s)
+    routing_down: torch.Tensor    # W_o^i[:N_s]     (E, N_s, C)
+
+
+# The expert functions that dispatch runs, each on one expert's tokens x (n, C) with its weights w;
+# the third argument is what scoring computed for those (token, expert) pairs; mm is the matmul.
+
+def swiglu_expert(x, w, _, mm):
+    """FFN_i(x) of an MoE expert, or Q_i(x) of a UoE expert (its units N_s..D-1)."""
+    return swiglu(x, w.gate, w.up, w.down, mm=mm)
+
+
+def uoe_expert_from_h(x, w, h, mm):
+    """R_i(x) + Q_i(x) of a chosen UoE expert, R_i from its routing hidden units h (n, N_s)."""
+    return swiglu(x, w.gate, w.up, w.down, mm=mm) + mm(h, w.routing_down)
+
+
+def uoe_expert_from_a(x, w, a, mm):
+    """R_i(x) + Q_i(x) of a chosen UoE expert, finishing h_i = a_i * x W_p^i[:, :N_s] from a (n, N_s)."""
+    return uoe_expert_from_h(x, w, a * mm(x, w.routing_up), mm)
+
+
+def uoe_one_token(layer, x):
+    """§3 for ONE token x (C,), one expert at a time, no batching: what UoEFFN computes for each token.
+    layer: a UoEFFN (its weights and config). tests/test_uoe.py holds the batched layer, with its
+    gradients, to this function for every switch."""
+    c, Wg, Wp, Wo = layer.config, layer.w_gate, layer.w_up, layer.w_down
+    E, Ns = c.n_expert, c.n_routing
+    pre = [x @ Wg[i, :, :Ns] for i in range(E)]                          # routing pre-activations
+    a = [F.silu(pre[i]) for i in range(E)]                               # routing activations a_i
+    h = [a[i] * (x @ Wp[i, :, :Ns]) for i in range(E)]                   # routing hidden units
+    R = [h[i] @ Wo[i, :Ns] for i in range(E)]                            # R_i(x): the routing neurons' output
+    Q = [swiglu(x, Wg[i, :, Ns:], Wp[i, :, Ns:], Wo[i, Ns:]) for i in range(E)]   # Q_i(x): the other units
+    score_of = {"silu": a, "pre": pre, "swiglu": h}[c.route_score]
+    p = math.inf if c.route_norm == "inf" else c.route_norm
+    s = torch.stack([torch.linalg.vector_norm(v, ord=p) for v in score_of])   # s_i, activation intensity
+    chosen = s.topk(c.top_k).indices                                     # I = topK(s)
+    g = F.softmax(s[chosen], dim=0)                                      # gates
+    if c.vse and c.uoe_output == "once":
+        return sum(R) + sum(g[j] * Q[i] for j, i in enumerate(chosen))   # VSE(x) + sum_{i in I} g_i Q_i(x)
+    routed = sum(g[j] * (R[i] + Q[i]) for j, i in enumerate(chosen))     # sum_{i in I} g_i (R_i(x) + Q_i(x))
+    return sum(R) + routed if c.vse else routed
+
+
+# -----------------------------------------------------------------------------
+# What every routed layer shares: scoring in float32, the load-balance loss, and the dispatch that
+# runs each token through its K chosen experts.
+
+def routing_matmul(x, w):
+    """x @ w for routing scores, in at least float32 even under autocast (which would run it in
+    bfloat16 and round the result: near-ties would then flip the top-k). Upcasting the product
+    afterwards is too late. On CUDA with TF32 allowed (train.py allows it) "float32" means TF32."""
+    with torch.autocast(x.device.type, enabled=False):
+        return upcast(x) @ upcast(w)
+
+
+def upcast(t):
+    """t in at least float32 (float16/bfloat16 -> float32; float32/float64 unchanged)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def lp_norm(v, p):
+    """||v||_p over the last dim, p in {2, 1, "inf"} (GPTConfig.route_norm): the activation intensity."""
+    return torch.linalg.vector_norm(v, ord=math.inf if p == "inf" else p, dim=-1)
+
+
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's where autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def load_balance_loss(scores, topk_idx):
+    """Switch-style L_aux = n * sum_i f_i P_i of one layer (§4); equals 1 at perfect balance.
+    scores: (N, E) router logits or norms; topk_idx: (N, K). GPT.forward adds up the layers', so the
+    logged aux loss (train.py's "aux") is n_layer at perfect balance, not 1."""
+    E = scores.size(-1)
+    ones = torch.ones(topk_idx.numel(), dtype=scores.dtype, device=scores.device)
+    # index_add_, not bincount: no graph break under torch.compile
+    f = scores.new_zeros(E).index_add_(0, topk_idx.flatten(), ones) / topk_idx.numel()   # (E,)
+    P = F.softmax(scores, dim=-1).mean(dim=0)                                             # (E,)
+    return E * (f * P).sum()
+
+
+def dispatch(x, topk_idx, expert_fn, weights, reused=None, path="loop"):
+    """Run every token through its K chosen experts: dropless, no capacity, no loop over tokens.
+    Returns (N, K, C): row [t, k] is expert topk_idx[t, k]'s output on token t, not yet gated (the
+    layer weights and sums them).
+
+    x: (N, C); topk_idx: (N, K); expert_fn(x, w, reused, mm) computes one expert on its tokens
+    (one expert's weights w in the loop, all experts' on the grouped path, with mm the matmul);
+    weights: a NamedTuple of expert-stacked (E, ...) tensors; reused: optional (N, E, X) tensor
+    that scoring computed for every (token, expert) and the experts reuse (AoE's C_i, UoE's a or h).
+    path: "loop", the readable reference below, or "grouped", the same maths with one grouped GEMM
+    per matmul (dispatch_grouped, the speed path); resolve_expert_path chooses."""
+    run = dispatch_grouped if path == "grouped" else dispatch_loop
+    return run(x, topk_idx, expert_fn, weights, reused)
+
+
+# Under torch.compile the loop runs eagerly (one graph break per layer, as its .tolist() would
+# cause anyway): its block sizes are data, and dynamo, which specialises sizes 0 and 1, would
+# recompile whenever a new set of experts gets 0 or 1 tokens, and fall back to eager after 8.
+@torch.compiler.disable
+def dispatch_loop(x, topk_idx, expert_fn, weights, reused=None):
+    """The reference (Mixtral-style): sort the N*K (token, expert) assignments by expert, so that each
+    expert sees one contiguous block of its tokens, run the experts one at a time, unsort.
+
+    Speed: the per-expert blocks come from one split() of the sorted tokens and one unbind() of
+    each stacked weight, whose backward is one cat / stack. Taking them one at a time
+    (x_sorted[a:b], w[e]) gives the same forward, but in backward each such index writes its
+    gradient into a fresh zero tensor of the full size, and those are summed: E full-size copies
+    per tensor and layer (E^2 * C * D work for the weights). On CPU that made the expert path
+    (forward + backward) ~1.3x slower; see `python bench.py speed`.
+    """
+    N, K = topk_idx.shape
+    E = weights[0].shape[0]
+    flat_expert = topk_idx.flatten()                             # (N*K,)
+    order = flat_expert.argsort(stable=True)                     # assignments grouped by expert
+    token = order // K                                           # (N*K,) token of each assignment
+    counts = torch.bincount(flat_expert, minlength=E).tolist()   # tokens per expert (host sync)
+    x_e = x[token].split(counts)                                 # E blocks (n_e, C); n_e may be 0
+    reused_e = [None] * E if reused is None else reused[token, flat_expert[order]].split(counts)   # (n_e, X)
+    weights_e = [type(weights)(*one) for one in zip(*(w.unbind(0) for w in weights))]   # E: each expert's
+    y_sorted = torch.cat([expert_fn(x_e[e], weights_e[e], reused_e[e], torch.matmul) for e in range(E)])
+    return y_sorted[order.argsort()].view(N, K, -1)              # (N, K, C) back in (token, slot) order
+
+
+# -----------------------------------------------------------------------------
+# The baselines (§2): DenseFFN, MoEFFN, AoEFFN. Each takes x (B, T, C) and returns y (B, T, C); the
+# routed ones also leave `aux_loss` (§4) and `last_routing` (detached tensors, §6) on themselves.
+
+class DenseFFN(nn.Module):
+    """§2 dense: one SwiGLU FFN of width D."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, D = config.n_embd, config.expert_hidden
+        self.w_gate = nn.Parameter(torch.empty(C, D))
+        self.w_up = nn.Parameter(torch.empty(C, D))
+        self.w_down = nn.Parameter(torch.empty(D, C))
+
+    def forward(self, x):
+        return swiglu(x, self.w_gate, self.w_up, self.w_down)
+
+
+class SwiGLUWeights(NamedTuple):
+    """The three matrices of a SwiGLU FFN (§1), stacked over experts (E, ...) for dispatch."""
+    gate: torch.Tensor   # W_g (C, D)
+    up: torch.Tensor     # W_p (C, D)
+    down: torch.Tensor   # W_o (D, C)
+
+
+class MoEFFN(nn.Module):
+    """§2 moe: router W_r, p = softmax(x W_r), top-K, gates p[I] / sum p[I] (Mixtral), plus
+    n_shared always-on shared experts (DeepSeekMoE), stored as one SwiGLU of width n_shared*D."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, E, D, S = config.n_embd, config.n_expert, config.expert_hidden, config.n_shared
+        self.config = config
+        self.aux_loss = self.z_loss = None     # set by forward (see UoEFFN)
+        self.router = nn.Parameter(torch.empty(C, E))
+        self.w_gate = nn.Parameter(torch.empty(E, C, D))
+        self.w_up = nn.Parameter(torch.empty(E, C, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, C))
+        if S:
+            self.shared_gate = nn.Parameter(torch.empty(C, S * D))
+            self.shared_up = nn.Parameter(torch.empty(C, S * D))
+            self.shared_down = nn.Parameter(torch.empty(S * D, C))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(-1, C)                                       # (N, C)
+        logits = routing_matmul(x, self.router)                    # (N, E) router logits, >= float32
+        top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.config.top_k, dim=-1)   # (N, K)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
+        y = self.chosen_experts(x, topk_idx, gates)                # (N, C)
+        if self.config.n_shared:
+            y = y + self.shared_experts(x)
+        self.aux_loss = load_balance_loss(logits, topk_idx)
+        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # keeps router logits small
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": logits.detach()}
+        return y.view(B, T, C)
+
+    def chosen_experts(self, x, topk_idx, gates):
+        """sum over the chosen i of g_i FFN_i(x), (N, C), without the shared experts; x (N, C),
+        topk_idx and gates (N, K), which may come from another router than this layer's."""
+        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
+        weights = SwiGLUWeights(self.w_gate, self.w_up, self.w_down)
+        out = dispatch(x, topk_idx, swiglu_expert, weights, path=path)   # (N, K, C)
+        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+
+    def shared_experts(self, x):
+        """The n_shared always-on experts, unweighted, (N, C); only when n_shared > 0."""
+        return swiglu(x, self.shared_gate, self.shared_up, self.shared_down)
+
+
+class AoEWeights(NamedTuple):
+    """What a chosen AoE expert computes with, stacked over experts (C_i = x A_i comes in computed)."""
+    gate_b: torch.Tensor   # B_i  (E, d_low, D)
+    up: torch.Tensor       # W_p^i (E, C, D)
+    down: torch.Tensor     # W_o^i (E, D, C)
+
+
+def aoe_expert(x, w, c, mm):
+    """FFN_i(x) of a chosen AoE expert, (SiLU(C_i B_i) * x W_p^i) W_o^i, reusing C_i = x A_i (n, d_low)."""
+    return mm(F.silu(mm(c, w.gate_b)) * mm(x, w.up), w.down)
+
+
+class AoEFFN(nn.Module):
+    """§2 aoe: no router. W_g^i = A_i B_i is factorised (w_gate_a, w_gate_b); one matmul gives
+    C_i = x A_i for all experts, the score is ||C_i||, gates softmax over the top K, and the
+    chosen experts reuse C_i."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, E, D, L = config.n_embd, config.n_expert, config.expert_hidden, config.d_low
+        self.config = config
+        self.aux_loss = None                   # set by forward (see UoEFFN)
+        self.w_gate_a = nn.Parameter(torch.empty(E, C, L))     # A_i: d x d_low
+        self.w_gate_b = nn.Parameter(torch.empty(E, L, D))     # B_i: d_low x D
+        self.w_up = nn.Parameter(torch.empty(E, C, D))         # W_p^i
+        self.w_down = nn.Parameter(torch.empty(E, D, C))       # W_o^i
+
+    def forward(self, x):
+        B, T, C = x.shape
+        E, L = self.w_gate_a.shape[0], self.w_gate_a.shape[2]
+        x = x.reshape(-1, C)                                       # (N, C)
+        c = routing_matmul(x, self.w_gate_a.transpose(0, 1).reshape(C, E * L)).view(-1, E, L)  # (N, E, L)
+        scores = lp_norm(c, self.config.route_norm)                # (N, E), >= float32
+        top_s, topk_idx = scores.topk(self.config.top_k, dim=-1)   # (N, K)
+        gates = F.softmax(top_s, dim=-1)
+        y = self.chosen_experts(x, topk_idx, gates, c.to(compute_dtype(x)))   # the chosen experts reuse C_i
+        self.aux_loss = load_balance_loss(scores, topk_idx)
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
+        return y.view(B, T, C)
+
+    def chosen_experts(self, x, topk_idx, gates, c):
+        """sum over the chosen i of g_i FFN_i(x), (N, C); c (N, E, d_low): C_i of every expert."""
+        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
+        weights = AoEWeights(self.w_gate_b, self.w_up, self.w_down)
+        out = dispatch(x, topk_idx, aoe_expert, weights, reused=c, path=path)   # (N, K, C)
+        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+
+
+FFN_CLASSES = {"dense": DenseFFN, "moe": MoEFFN, "aoe": AoEFFN, "uoe": UoEFFN}
+
+
+# -----------------------------------------------------------------------------
+# The GPT (nanoGPT's, with one of the FFNs in each block) and its routing statistics (§6)
 
 class CausalSelfAttention(nn.Module):
 
@@ -121,383 +466,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-
-class SwiGLUWeights(NamedTuple):
-    """The three matrices of a SwiGLU FFN (§1); in dispatch, stacked over experts (E, ...)."""
-    gate: torch.Tensor   # W_g (C, D)
-    up: torch.Tensor     # W_p (C, D)
-    down: torch.Tensor   # W_o (D, C)
-
-
-def swiglu(x, w_gate, w_up, w_down, mm=torch.matmul):
-    """FFN(x) = (SiLU(x W_g) * (x W_p)) W_o  (§1); mm is the matmul (dispatch passes a grouped one)."""
-    return mm(F.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
-
-
-# -----------------------------------------------------------------------------
-# The FFNs. Each takes x (B, T, C) and returns y (B, T, C). Routed FFNs (below the dispatch) also leave
-# `aux_loss` (§4) and `last_routing` (detached tensors for statistics) on themselves.
-
-class DenseFFN(nn.Module):
-    """§2 dense: one SwiGLU FFN of width D."""
-
-    def __init__(self, config):
-        super().__init__()
-        C, D = config.n_embd, config.expert_hidden
-        self.w_gate = nn.Parameter(torch.empty(C, D))
-        self.w_up = nn.Parameter(torch.empty(C, D))
-        self.w_down = nn.Parameter(torch.empty(D, C))
-
-    def forward(self, x):
-        return swiglu(x, self.w_gate, self.w_up, self.w_down)
-
-
-def load_balance_loss(scores, topk_idx):
-    """Switch-style L_aux = n * sum_i f_i P_i (§4); equals 1 at perfect balance.
-    scores: (N, E) router logits or norms; topk_idx: (N, K)."""
-    E = scores.size(-1)
-    ones = torch.ones(topk_idx.numel(), dtype=scores.dtype, device=scores.device)
-    # index_add_, not bincount: no graph break under torch.compile
-    f = scores.new_zeros(E).index_add_(0, topk_idx.flatten(), ones) / topk_idx.numel()   # (E,)
-    P = F.softmax(scores, dim=-1).mean(dim=0)                                             # (E,)
-    return E * (f * P).sum()
-
-
-def upcast(t):
-    """t in at least float32 (float16/bfloat16 -> float32; float32/float64 unchanged)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def routing_matmul(x, w):
-    """x @ w for routing scores, in at least float32 even under autocast (which would run it in
-    bfloat16 and round the result: near-ties would then flip the top-k). Upcasting the product
-    afterwards is too late. On CUDA with TF32 allowed (train.py allows it) "float32" means TF32."""
-    with torch.autocast(x.device.type, enabled=False):
-        return upcast(x) @ upcast(w)
-
-
-def route_norm(h, p):
-    """Activation intensity ||h|| over the last dim, p in {2, 1, 'inf'}."""
-    return torch.linalg.vector_norm(h, ord=math.inf if p == "inf" else p, dim=-1)
-
-
-# -----------------------------------------------------------------------------
-# The expert dispatch, shared by moe, aoe and uoe. One entry point, `dispatch`, and two ways to
-# run it: `dispatch_loop`, the readable reference (one matmul chain per expert, Mixtral-style),
-# and `dispatch_grouped`, the same maths with one grouped GEMM per matmul for all experts at
-# once. `GPTConfig.expert_path` chooses; `resolve_expert_path` says which one runs.
-
-def compute_dtype(x):
-    """The dtype x's matmuls run in: autocast's where autocast is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def expert_widths(config):
-    """The widths of the matrices the grouped GEMMs read row by row; each row must start on a
-    16-byte boundary (a multiple of 8 bfloat16 or 4 float32 values)."""
-    widths = {"n_embd": config.n_embd, "expert_hidden": config.expert_hidden}
-    if config.ffn == "aoe":
-        widths["d_low"] = config.d_low
-    if config.ffn == "uoe":
-        widths["expert_hidden - n_routing"] = config.expert_hidden - config.n_routing
-        widths["n_routing"] = config.n_routing   # reused by "twice" and without VSE; checked always
-    return widths
-
-
-def resolve_expert_path(config, device, dtype):
-    """The expert path, "loop" or "grouped", that a routed layer of `config` takes on `device`
-    when its matmuls run in `dtype`. "auto" is "grouped" where torch's grouped GEMM is built to be
-    fast: CUDA compute capability 9.x/10.x (H100/H200, B200), bfloat16, 16-byte aligned widths;
-    else "loop". An explicit "grouped" with misaligned widths raises ValueError naming the field;
-    under torch.compile it also needs bfloat16 (torch's tracing rule for grouped_mm has no other)."""
-    device = torch.device(device)
-    if config.expert_path == "loop" or config.ffn == "dense":   # dense: no routed layer to group
-        return "loop"
-    align = 16 // dtype.itemsize
-    misaligned = {k: v for k, v in expert_widths(config).items() if v % align}
-    if config.expert_path == "grouped":
-        if misaligned:
-            raise ValueError(f"GPTConfig.expert_path='grouped' needs widths that are multiples of {align} "
-                             f"for {dtype} (16 bytes); these are not: {misaligned}. Use 'auto' or 'loop'")
-        return "grouped"
-    fast_gpu = device.type == "cuda" and torch.cuda.get_device_properties(device).major in (9, 10)
-    if GROUPED_MM is not None and fast_gpu and dtype == torch.bfloat16 and not misaligned:
-        return "grouped"
-    return "loop"
-
-
-def dispatch(x, topk_idx, gates, expert_fn, weights, extra=None, path="loop"):
-    """Run every token through its K chosen experts: dropless, no capacity, no loop over tokens.
-
-    The (token, expert) assignments are sorted by expert so that each expert sees one contiguous
-    block of its tokens; expert_fn(x, w, extra, mm) computes an expert on its block, with `mm` as
-    its matmul; the outputs are scaled by their gates and summed back per token with index_add_
-    (Mixtral-style, §2).
-    x: (N, C); topk_idx, gates: (N, K); weights: a NamedTuple of expert-stacked (E, ...) tensors
-    (expert_fn gets the same kind, with one expert's tensors in the loop, all of them when grouped);
-    extra: optional (N, E, X) per-(token, expert) inputs that scoring already computed (AoE's
-    C_i, UoE's routing activations): reused, not recomputed. path: "loop" or "grouped"
-    (resolve_expert_path); both give the same result up to rounding.
-    """
-    run = dispatch_grouped if path == "grouped" else dispatch_loop
-    return run(x, topk_idx, gates, expert_fn, weights, extra)
-
-
-# Under torch.compile the loop runs eagerly (one graph break per layer, as its .tolist() would
-# cause anyway): its block sizes are data, and dynamo, which specialises sizes 0 and 1, would
-# recompile whenever a new set of experts gets 0 or 1 tokens, and fall back to eager after 8.
-@torch.compiler.disable
-def dispatch_loop(x, topk_idx, gates, expert_fn, weights, extra=None):
-    """The reference: one expert at a time, each on its own weights w = (w[e] for w in weights).
-
-    Speed: the per-expert blocks come from one split() of the sorted tokens and one unbind() of
-    each stacked weight, whose backward is one cat / stack. Taking them one at a time
-    (x_sorted[a:b], w[e]) gives the same forward, but in backward each such index writes its
-    gradient into a fresh zero tensor of the full size, and those are summed: E full-size copies
-    per tensor and layer (E^2 * C * D work for the weights). On CPU that made the expert path
-    (forward + backward) ~1.3x slower; see `python bench.py speed`.
-    """
-    N, K = topk_idx.shape
-    E = weights[0].shape[0]
-    flat_expert = topk_idx.flatten()                             # (N*K,)
-    order = flat_expert.argsort(stable=True)                     # assignments grouped by expert
-    token = order // K                                           # (N*K,) token of each assignment
-    counts = torch.bincount(flat_expert, minlength=E).tolist()   # tokens per expert (host sync)
-    x_e = x[token].split(counts)                                 # E blocks (n_e, C); n_e may be 0
-    extra_e = [None] * E if extra is None else extra[token, flat_expert[order]].split(counts)  # (n_e, X)
-    weights_e = [type(weights)(*one) for one in zip(*(w.unbind(0) for w in weights))]   # E: each expert's
-    y_sorted = torch.cat([expert_fn(x_e[e], weights_e[e], extra_e[e], torch.matmul) for e in range(E)])  # (N*K, C)
-    y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-    return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
-
-
-def dispatch_grouped(x, topk_idx, gates, expert_fn, weights, extra=None):
-    """The fast path: the same sort by expert, then expert_fn runs ONCE on all N*K sorted rows
-    with the whole stacked weights, each of its matmuls one grouped GEMM: rows offs[e-1]:offs[e]
-    times expert e's matrix. Every shape is static (N*K rows, whatever the load); only the
-    offsets, computed on the device, vary: no host sync, and under torch.compile one graph with
-    no recompiles. Grouped GEMMs have no autocast rule, so inputs are cast to the compute dtype
-    here; their rows must be 16-byte aligned (resolve_expert_path checks the widths)."""
-    N, K = topk_idx.shape
-    E = weights[0].shape[0]
-    dtype = compute_dtype(x)
-    sorted_expert, order = topk_idx.flatten().sort(stable=True)  # (N*K,) assignments grouped by expert
-    token = order // K                                           # (N*K,) token of each assignment
-    experts = torch.arange(E, device=x.device, dtype=sorted_expert.dtype)
-    offs = torch.searchsorted(sorted_expert, experts, right=True, out_int32=True)  # (E,) end of each block
-
-    def mm(a, w):                                                # (n, X) @ (E, X, Y) -> (n, Y)
-        return GROUPED_MM(a, w, offs=offs)
-
-    x_sorted = x.to(dtype)[token]                                # (N*K, C)
-    extra_sorted = None if extra is None else extra[token, sorted_expert].to(dtype)  # (N*K, X)
-    weights = type(weights)(*(w.to(dtype).contiguous() for w in weights))   # (E, X, Y) each, aligned rows
-    y_sorted = expert_fn(x_sorted, weights, extra_sorted, mm)    # (N*K, C)
-    y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-    return y_sorted.new_zeros(x.shape).index_add_(0, token, y_sorted)   # (N, C)
-
-
-# -----------------------------------------------------------------------------
-# The routed FFNs: each scores the experts, picks the top K and hands them to dispatch.
-
-class MoEFFN(nn.Module):
-    """§2 moe: router W_r, p = softmax(x W_r), top-K, gates p[I] / sum p[I] (Mixtral), plus
-    n_shared always-on shared experts (DeepSeekMoE), stored as one SwiGLU of width n_shared*D."""
-
-    def __init__(self, config):
-        super().__init__()
-        C, E, D, S = config.n_embd, config.n_expert, config.expert_hidden, config.n_shared
-        self.config, self.top_k = config, config.top_k
-        self.aux_loss = self.z_loss = None     # set by forward; here so that compiled guards never see them appear
-        self.router = nn.Parameter(torch.empty(C, E))
-        self.w_gate = nn.Parameter(torch.empty(E, C, D))
-        self.w_up = nn.Parameter(torch.empty(E, C, D))
-        self.w_down = nn.Parameter(torch.empty(E, D, C))
-        if S:
-            self.shared_gate = nn.Parameter(torch.empty(C, S * D))
-            self.shared_up = nn.Parameter(torch.empty(C, S * D))
-            self.shared_down = nn.Parameter(torch.empty(S * D, C))
-
-    def expert(self, x, w, _, mm):
-        return swiglu(x, w.gate, w.up, w.down, mm=mm)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        x = x.reshape(-1, C)                                       # (N, C)
-        logits = routing_matmul(x, self.router)                    # (N, E) router logits, >= float32
-        top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, K)
-        gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
-        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
-        weights = SwiGLUWeights(self.w_gate, self.w_up, self.w_down)
-        y = dispatch(x, topk_idx, gates, self.expert, weights, path=path)
-        if hasattr(self, "shared_gate"):
-            y = y + swiglu(x, self.shared_gate, self.shared_up, self.shared_down)
-        self.aux_loss = load_balance_loss(logits, topk_idx)
-        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # keeps router logits small
-        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": logits.detach()}
-        return y.view(B, T, C)
-
-
-class AoEFFN(nn.Module):
-    """§2 aoe: no router. W_g^i = A_i B_i is factorised (METHOD's W_down^i, W_up^i); one matmul
-    gives C_i = x A_i for all experts, the score is ||C_i||, and the chosen experts reuse C_i."""
-
-    def __init__(self, config):
-        super().__init__()
-        C, E, D, L = config.n_embd, config.n_expert, config.expert_hidden, config.d_low
-        self.config, self.top_k, self.p = config, config.top_k, config.route_norm
-        self.aux_loss = None                   # set by forward (see MoEFFN)
-        self.w_gate_a = nn.Parameter(torch.empty(E, C, L))     # A_i: d x d_low
-        self.w_gate_b = nn.Parameter(torch.empty(E, L, D))     # B_i: d_low x D
-        self.w_up = nn.Parameter(torch.empty(E, C, D))
-        self.w_down = nn.Parameter(torch.empty(E, D, C))
-
-    def expert(self, x, w, c, mm):
-        return mm(F.silu(mm(c, w.gate)) * mm(x, w.up), w.down)    # w.gate: B_i (C_i = x A_i is given)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        E, L = self.w_gate_a.shape[0], self.w_gate_a.shape[2]
-        x = x.reshape(-1, C)                                       # (N, C)
-        c = routing_matmul(x, self.w_gate_a.transpose(0, 1).reshape(C, E * L)).view(-1, E, L)  # (N, E, L)
-        scores = route_norm(c, self.p)                             # (N, E), >= float32
-        top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
-        gates = F.softmax(top_s, dim=-1)
-        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
-        y = dispatch(x, topk_idx, gates, self.expert, SwiGLUWeights(self.w_gate_b, self.w_up, self.w_down),
-                     extra=c.to(x.dtype), path=path)                # the chosen experts reuse C_i
-        self.aux_loss = load_balance_loss(scores, topk_idx)
-        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
-        return y.view(B, T, C)
-
-
-class UoEVariant(NamedTuple):
-    """What the §3 switches (uoe_output, vse, route_score) change, decided in one place: uoe_variant."""
-    score_of: str              # the routing quantity whose norm is the score: "a", "pre" or "h" (RoutingActivations)
-    vse: bool                  # add the virtual shared expert
-    routed_includes_R: bool    # the chosen experts output g_i (R_i + Q_i), not g_i Q_i ("twice", or no VSE)
-    hidden_for_all: bool       # the routing neurons' full hidden a_i * x W_p^i is computed for all experts
-
-
-def uoe_variant(config):
-    return UoEVariant(score_of={"silu": "a", "pre": "pre", "swiglu": "h"}[config.route_score], vse=config.vse,
-                      routed_includes_R=config.uoe_output == "twice" or not config.vse,
-                      hidden_for_all=config.vse or config.route_score == "swiglu")
-
-
-class RoutingActivations(NamedTuple):
-    """The routing neurons of all experts on every token, each (N, E, R)."""
-    pre: torch.Tensor          # x W_g^i[:, :R], in >= float32 (§4 precision)
-    a: torch.Tensor            # SiLU(pre): the routing activations a_i
-    h: torch.Tensor | None     # a_i * x W_p^i[:, :R], the routing neurons' hidden (None unless hidden_for_all)
-
-    @property
-    def hidden(self):
-        """What the VSE and the chosen experts' R_i reuse: h, or a where h was not needed (R_i finishes it)."""
-        return self.a if self.h is None else self.h
-
-
-class UoEExpertWeights(NamedTuple):
-    """What dispatch hands to UoEFFN.expert with routed_includes_R, stacked over experts: Q_i's units
-    R..D-1 and the routing units' W_p and W_o (R_i). Without it, Q_i's alone, as SwiGLUWeights."""
-    gate: torch.Tensor                 # W_g^i[:, R:]  (E, C, D-R)
-    up: torch.Tensor                   # W_p^i[:, R:]  (E, C, D-R)
-    down: torch.Tensor                 # W_o^i[R:]     (E, D-R, C)
-    routing_up: torch.Tensor           # W_p^i[:, :R]  (E, C, R)
-    routing_down: torch.Tensor         # W_o^i[:R]     (E, R, C)
-
-
-class UoEFFN(nn.Module):
-    """§3 Union-of-Experts. Hidden units [0, R) of every expert are its routing neurons:
-    all experts compute them for every token (one dense matmul); their activation intensity
-    ||a_i|| is the routing score; the top-K experts compute their remaining units [R, D).
-    The routing neurons of all experts together form the virtual shared expert (VSE).
-    The ablation switches act only through self.variant (uoe_variant)."""
-
-    def __init__(self, config):
-        super().__init__()
-        C, E, D = config.n_embd, config.n_expert, config.expert_hidden
-        self.config, self.top_k, self.R, self.p = config, config.top_k, config.n_routing, config.route_norm
-        self.variant = uoe_variant(config)
-        self.aux_loss = None                   # set by forward (see MoEFFN)
-        self.w_gate = nn.Parameter(torch.empty(E, C, D))
-        self.w_up = nn.Parameter(torch.empty(E, C, D))
-        self.w_down = nn.Parameter(torch.empty(E, D, C))
-
-    def forward(self, x):
-        B, T, C = x.shape
-        x = x.reshape(-1, C)                                       # (N, C)
-        routing = self.routing_activations(x)                      # (N, E, R) each
-        scores = route_norm(getattr(routing, self.variant.score_of), self.p)   # (N, E) activation intensity
-        top_s, topk_idx = scores.topk(self.top_k, dim=-1)          # (N, K)
-        gates = F.softmax(top_s, dim=-1)
-        hidden = routing.hidden.to(x.dtype)                        # (N, E, R) reused by the VSE and "twice"
-        routed = self.chosen_experts(x, topk_idx, gates, hidden)   # sum over the chosen i of g_i Q_i(x), (N, C)
-        self.aux_loss = load_balance_loss(scores, topk_idx)
-        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
-        if not self.variant.vse:
-            return routed.view(B, T, C)
-        virtual_shared_expert = self.virtual_shared_expert(hidden)   # (N, C)
-        self.last_routing["vse_norm"] = virtual_shared_expert.detach().norm(dim=-1)
-        self.last_routing["routed_norm"] = routed.detach().norm(dim=-1)
-        return (virtual_shared_expert + routed).view(B, T, C)
-
-    def routing_neurons(self, w):
-        """Stack the routing columns of all experts: (E, C, D) -> (C, E*R), one matmul for all."""
-        E, C, _ = w.shape
-        return w[:, :, :self.R].transpose(0, 1).reshape(C, E * self.R)
-
-    def routing_activations(self, x):
-        """x (N, C) through the routing neurons of all experts: pre, a, and h where hidden_for_all needs it."""
-        E, R = self.w_gate.shape[0], self.R
-        pre = routing_matmul(x, self.routing_neurons(self.w_gate)).view(-1, E, R)  # x W_g^i[:, :R], (N, E, R)
-        a = F.silu(pre)                                            # routing activations a_i, >= float32
-        h = None
-        if self.variant.hidden_for_all:   # x W_p^i[:, :R] in >= float32 only where the score depends on it
-            up_matmul = routing_matmul if self.variant.score_of == "h" else torch.matmul
-            h = a * up_matmul(x, self.routing_neurons(self.w_up)).view(-1, E, R)   # (N, E, R)
-        return RoutingActivations(pre, a, h)
-
-    def chosen_experts(self, x, topk_idx, gates, hidden):
-        """sum over the chosen i of g_i Q_i(x), or of g_i (R_i(x) + Q_i(x)) with routed_includes_R, which
-        reuses the routing hidden units (N, E, R) computed during scoring."""
-        extra = hidden if self.variant.routed_includes_R else None
-        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
-        return dispatch(x, topk_idx, gates, self.expert, self.expert_weights(), extra=extra, path=path)
-
-    def expert(self, x, w, h, mm):
-        """Q_i(x) of one expert (its units R..D-1); with routed_includes_R plus R_i(x), from the
-        routing hidden h computed during scoring (a_i*xW_p if available, else a_i: finish it)."""
-        y = swiglu(x, w.gate, w.up, w.down, mm=mm)                 # Q_i(x), (n, C)
-        if self.variant.routed_includes_R:
-            h_r = h if self.variant.hidden_for_all else h * mm(x, w.routing_up)   # (n, R)
-            y = y + mm(h_r, w.routing_down)                        # + R_i(x)
-        return y
-
-    def expert_weights(self):
-        """UoEExpertWeights of all experts. Slicing the stacked tensors once, rather than each expert's,
-        keeps backward at one copy per tensor."""
-        R = self.R
-        q = (self.w_gate[:, :, R:], self.w_up[:, :, R:], self.w_down[:, R:])
-        if not self.variant.routed_includes_R:
-            return SwiGLUWeights(*q)
-        return UoEExpertWeights(*q, routing_up=self.w_up[:, :, :R], routing_down=self.w_down[:, :R])
-
-    def virtual_shared_expert(self, hidden):
-        """VSE(x) = sum_i R_i(x): an ordinary SwiGLU of width E*R made of the routing neurons (§3);
-        hidden: a_i * x W_p^i of all experts, (N, E, R)."""
-        E, _, C = self.w_down.shape
-        w_down_r = self.w_down[:, :self.R, :].reshape(E * self.R, C)
-        return hidden.reshape(-1, E * self.R) @ w_down_r           # (N, C)
-
-
-FFN_CLASSES = {"dense": DenseFFN, "moe": MoEFFN, "aoe": AoEFFN, "uoe": UoEFFN}
-
-
-# -----------------------------------------------------------------------------
-# The transformer block (nanoGPT's, with one of the FFNs), the GPT, and its routing statistics (§6)
 
 class Block(nn.Module):
 
@@ -533,10 +501,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """GPT-2 init: N(0, 0.02) for every matrix (stacked experts included), with the
-        projections that write into the residual stream scaled by 1/sqrt(2 * n_layer). AoE's
-        B_i gets std 1/sqrt(d_low), so that its gate x A_i B_i starts with the spread of a
-        full-rank x W_g (with both factors at 0.02 it would start ~sqrt(d_low)/50 as wide, §2)."""
+        """GPT-2 init, decided for each parameter by its NAME and number of dimensions, overwriting
+        whatever the modules' __init__ put there:
+          1-D: "*weight" -> 1 (LayerNorm scales), else 0 (biases);
+          names ending in c_proj.weight, w_down, shared_down (they write into the residual stream)
+            -> N(0, 0.02 / sqrt(2 * n_layer));
+          w_gate_b (AoE's B_i) -> N(0, 1/sqrt(d_low)), so that the gate x A_i B_i starts with the
+            spread of a full-rank x W_g (with both factors at 0.02 it would start ~sqrt(d_low)/50 as wide, §2);
+          everything else, 0-D included -> N(0, 0.02).
+        A new parameter (say a learned VSE scale) takes the first rule its name matches: give it its
+        own branch here if that is not the init it needs (a scale that starts at 1 needs one)."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if p.dim() == 1:
@@ -563,7 +537,7 @@ class GPT(nn.Module):
         loss, aux = ce, ce.new_zeros(())
         routed = [block.mlp for block in self.transformer.h if hasattr(block.mlp, "aux_loss")]
         if routed:   # (a dense model's loss stays ce itself: inductor in torch 2.13 drops the grad of ce + 0*zeros)
-            aux = sum(m.aux_loss for m in routed)
+            aux = sum(m.aux_loss for m in routed)        # the SUM over layers: n_layer at perfect balance
             z = sum(getattr(m, "z_loss", 0.0) for m in routed)   # moe only
             loss = ce + self.config.aux_loss_coef * aux + self.config.z_loss_coef * z
         self.last_ce, self.last_aux = ce.detach(), aux.detach()
@@ -614,6 +588,78 @@ def routing_stats(r):
 
 
 # -----------------------------------------------------------------------------
+# The speed path: the same dispatch with one grouped GEMM per matmul for all experts at once
+# (torch's grouped_mm), beside the readable loop above. GPTConfig.expert_path chooses (§7).
+
+def resolve_expert_path(config, device, dtype):
+    """The expert path, "loop" or "grouped", that a routed layer of `config` takes on `device` when
+    its matmuls run in `dtype`.
+    "auto" is "grouped" where torch's grouped GEMM is fast and correct: CUDA compute capability 9.x
+    (H100/H200), bfloat16, widths whose rows start on 16-byte boundaries; else "loop". Not on 10.x
+    (B200): there grouped_mm gives non-zero weight gradients to experts that got no tokens (PyTorch
+    issue #172439, open), so "auto" stays on the loop; an explicit "grouped" there runs, with a
+    warning. An explicit "grouped" with misaligned widths raises ValueError naming the field.
+    Without torch.compile, float32 grouped GEMMs on CUDA take a fallback that copies the offsets to
+    the host on every call (a sync per matmul); under torch.compile grouped_mm needs bfloat16 (its
+    tracing rule has no other dtype)."""
+    device = torch.device(device)
+    if config.expert_path == "loop" or config.ffn == "dense":   # dense: no routed layer to group
+        return "loop"
+    align = 16 // dtype.itemsize
+    misaligned = {k: v for k, v in expert_widths(config).items() if v % align}
+    major = torch.cuda.get_device_properties(device).major if device.type == "cuda" else None
+    if config.expert_path == "grouped":
+        if misaligned:
+            raise ValueError(f"GPTConfig.expert_path='grouped' needs widths that are multiples of {align} "
+                             f"for {dtype} (16 bytes); these are not: {misaligned}. Use 'auto' or 'loop'")
+        if major == 10 and not torch.compiler.is_compiling():
+            warnings.warn("expert_path='grouped' on compute capability 10.x: torch's grouped_mm gives experts "
+                          "that got no tokens non-zero weight gradients there (PyTorch issue #172439); "
+                          "use 'auto' or 'loop' for training", stacklevel=2)
+        return "grouped"
+    if GROUPED_MM is not None and major == 9 and dtype == torch.bfloat16 and not misaligned:
+        return "grouped"
+    return "loop"
+
+
+def expert_widths(config):
+    """The widths of the matrices the grouped GEMMs read row by row; each row must start on a
+    16-byte boundary (a multiple of 8 bfloat16 or 4 float32 values)."""
+    widths = {"n_embd": config.n_embd, "expert_hidden": config.expert_hidden}
+    if config.ffn == "aoe":
+        widths["d_low"] = config.d_low
+    if config.ffn == "uoe":
+        widths["expert_hidden - n_routing"] = config.expert_hidden - config.n_routing
+        widths["n_routing"] = config.n_routing   # R_i's matrices ("twice", no VSE); checked for every switch
+    return widths
+
+
+def dispatch_grouped(x, topk_idx, expert_fn, weights, reused=None):
+    """dispatch's fast path: the same sort by expert, then expert_fn runs ONCE on all N*K sorted rows
+    with the whole stacked weights, each of its matmuls one grouped GEMM: rows offs[e-1]:offs[e]
+    times expert e's matrix. Every shape is static (N*K rows, whatever the load); only the
+    offsets, computed on the device, vary: no host sync, and under torch.compile one graph with
+    no recompiles. Grouped GEMMs have no autocast rule, so inputs are cast to the compute dtype
+    here; their rows must be 16-byte aligned (resolve_expert_path checks the widths)."""
+    N, K = topk_idx.shape
+    E = weights[0].shape[0]
+    dtype = compute_dtype(x)
+    sorted_expert, order = topk_idx.flatten().sort(stable=True)  # (N*K,) assignments grouped by expert
+    token = order // K                                           # (N*K,) token of each assignment
+    experts = torch.arange(E, device=x.device, dtype=sorted_expert.dtype)
+    offs = torch.searchsorted(sorted_expert, experts, right=True, out_int32=True)  # (E,) end of each block
+
+    def mm(a, w):                                                # (n, X) @ (E, X, Y) -> (n, Y)
+        return GROUPED_MM(a, w, offs=offs)
+
+    x_sorted = x.to(dtype)[token]                                # (N*K, C)
+    reused_sorted = None if reused is None else reused[token, sorted_expert].to(dtype)   # (N*K, X)
+    weights = type(weights)(*(w.to(dtype).contiguous() for w in weights))   # (E, X, Y) each, aligned rows
+    y_sorted = expert_fn(x_sorted, weights, reused_sorted, mm)   # (N*K, C)
+    return y_sorted[order.argsort()].view(N, K, -1)              # (N, K, C) back in (token, slot) order
+
+
+# -----------------------------------------------------------------------------
 # Accounting (§5): parameters and forward FLOPs per token, from the config alone.
 # FLOPs count matmuls only (2 per multiply-add; elementwise ops, norms and softmax are noise),
 # attention over the full block_size as nanoGPT's estimate does.
@@ -623,7 +669,7 @@ def ffn_breakdown(config):
     FFN work: scoring (router / C / routing neurons), shared (dense FFN, shared experts, VSE)
     and experts (the chosen experts' own units). Each active weight is one multiply-add per
     token, except UoE 'twice' with the VSE, whose chosen experts reuse their routing hidden
-    units but project them through W_o again (K*R*C more)."""
+    units but project them through W_o again (K*N_s*C more)."""
     C, E, K, D = config.n_embd, config.n_expert, config.top_k, config.expert_hidden
     if config.ffn == "dense":
         return dict(params=3 * C * D, scoring=0, shared=3 * C * D, experts=0)
@@ -635,14 +681,15 @@ def ffn_breakdown(config):
         L = config.d_low
         return dict(params=E * C * L + E * L * D + 2 * E * C * D,
                     scoring=E * C * L, shared=0, experts=K * (L * D + 2 * C * D))
-    R = config.n_routing
-    hidden_for_all, routed_includes_R = uoe_variant(config).hidden_for_all, uoe_variant(config).routed_includes_R
-    scoring = E * C * R * (2 if config.route_score == "swiglu" else 1)   # x W_g (and x W_p) of routing neurons
-    shared = E * C * R * (1 if config.vse and config.route_score != "swiglu" else 0) \
-        + (E * R * C if config.vse else 0)                                 # VSE's x W_p and W_o
-    experts = K * 3 * C * (D - R)                                          # Q_i of the chosen
-    if routed_includes_R:
-        experts += K * R * C + (0 if hidden_for_all else K * C * R)        # R_i's W_o (and x W_p)
+    Ns, swiglu_score = config.n_routing, config.route_score == "swiglu"
+    scoring = E * C * Ns * (2 if swiglu_score else 1)                  # x W_g (and x W_p) of routing neurons
+    shared = 0
+    if config.vse:                                                     # VSE's x W_p (unless scoring ran it), W_o
+        shared = (0 if swiglu_score else E * C * Ns) + E * Ns * C
+    experts = K * 3 * C * (D - Ns)                                     # Q_i of the chosen
+    if config.uoe_output == "twice" or not config.vse:                 # + R_i of the chosen: its W_o,
+        h_for_all = config.vse or swiglu_score                         # and x W_p unless h was computed for all
+        experts += K * Ns * C + (0 if h_for_all else K * C * Ns)
     return dict(params=3 * E * C * D, scoring=scoring, shared=shared, experts=experts)
 
 
@@ -697,6 +744,46 @@ def match_config(config, target, by="flops", multiple_of=1):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if metric(at(mid)) < goal else (lo, mid)
     return min((at(lo), at(hi)), key=lambda c: abs(metric(c) - goal))
+
+
+# -----------------------------------------------------------------------------
+# Config checks: every GPTConfig is validated when it is made.
+
+def validate_config(config):
+    """Raise ValueError naming the first invalid field of a GPTConfig and what it must be."""
+    def bad(field, allowed):
+        raise ValueError(f"GPTConfig.{field}={getattr(config, field)!r} is invalid: {allowed}")
+    for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_expert", "expert_hidden"):
+        if not isinstance(getattr(config, f), int) or getattr(config, f) < 1:
+            bad(f, "it must be an integer >= 1")
+    if config.ffn not in FFN_VARIANTS:
+        bad("ffn", f"it must be one of {', '.join(FFN_VARIANTS)}")
+    if config.n_embd % config.n_head != 0:
+        bad("n_embd", f"it must be divisible by n_head={config.n_head}")
+    if not 0.0 <= config.dropout < 1.0:
+        bad("dropout", "it must be in [0, 1)")
+    if not isinstance(config.top_k, int) or not 1 <= config.top_k <= config.n_expert:
+        bad("top_k", f"it must be an integer in 1..n_expert={config.n_expert}")
+    if not isinstance(config.n_routing, int) or not 1 <= config.n_routing <= config.expert_hidden - 1:
+        bad("n_routing", f"it must be an integer in 1..expert_hidden-1={config.expert_hidden - 1}")
+    if not isinstance(config.d_low, int) or config.d_low < 1:
+        bad("d_low", "it must be an integer >= 1")
+    if not isinstance(config.n_shared, int) or config.n_shared < 0:
+        bad("n_shared", "it must be an integer >= 0")
+    if config.uoe_output not in ("once", "twice"):
+        bad("uoe_output", "it must be 'once' or 'twice'")
+    if config.route_score not in ("silu", "pre", "swiglu"):
+        bad("route_score", "it must be 'silu', 'pre' or 'swiglu'")
+    if config.route_norm not in (1, 2, "inf"):
+        bad("route_norm", "it must be 2, 1 or 'inf'")
+    for f in ("aux_loss_coef", "z_loss_coef"):
+        if getattr(config, f) < 0:
+            bad(f, "it must be >= 0")
+    if config.expert_path not in EXPERT_PATHS:
+        bad("expert_path", "it must be 'auto', 'loop' or 'grouped'")
+    if config.expert_path == "grouped" and GROUPED_MM is None:
+        bad("expert_path", f"'grouped' needs torch's grouped_mm, which torch {torch.__version__} lacks "
+                           "(use 'auto' or 'loop', or a newer torch)")
 
 
 # -----------------------------------------------------------------------------

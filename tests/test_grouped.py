@@ -3,6 +3,7 @@ on the CPU: same outputs and gradients for every routed variant and UoE switch, 
 uneven loads included; one graph under torch.compile; and how expert_path="auto" decides."""
 
 import os
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -70,6 +71,47 @@ def test_grouped_ffn_equals_loop_forward_and_gradients(name, monkeypatch):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
+def grouped_mm_is_matmul_in_bf16():
+    """Whether this build's CPU grouped_mm gives bit for bit what torch.matmul gives in bfloat16 (2.13 does)."""
+    a, w = torch.randn(6, 16).bfloat16(), torch.randn(2, 16, 8).bfloat16()
+    return torch.equal(uoe.GROUPED_MM(a, w, offs=torch.tensor([2, 6], dtype=torch.int32)),
+                       torch.cat([a[:2] @ w[0], a[2:] @ w[1]]))
+
+
+# every switch, with widths that bfloat16's 16-byte rows allow (n_routing 8)
+BF16_VARIANTS = {**ROUTED_VARIANTS,
+                 "aoe_l1": dict(ffn="aoe", route_norm=1),
+                 "uoe_inf": dict(ffn="uoe", route_norm="inf"),
+                 "uoe_no_vse_pre": dict(ffn="uoe", vse=False, route_score="pre"),
+                 "uoe_twice_pre": dict(ffn="uoe", uoe_output="twice", route_score="pre")}
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("name", BF16_VARIANTS)
+def test_grouped_equals_loop_bit_for_bit_under_bf16_autocast(name):
+    """Both paths round the same tensors to bfloat16 at the same points (the reused routing activations
+    included, which the grouped path once rounded before a product the loop took in float32): with
+    matmuls that agree bit for bit, the outputs and weight gradients do too. The input's gradient is
+    summed in a different order (bf16 vs float32 casts around the gathers): close, not equal."""
+    if not grouped_mm_is_matmul_in_bf16():
+        pytest.skip(f"torch {torch.__version__}'s CPU grouped_mm and matmul round differently in bfloat16")
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, SMALL["n_embd"])
+    grad_y = torch.randn(3, 7, SMALL["n_embd"], dtype=torch.bfloat16)
+    results = {}
+    for path in ("loop", "grouped"):
+        m = ffn_module(path, **BF16_VARIANTS[name])
+        x_leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x_leaf)
+        results[path] = (y, torch.autograd.grad(y, [x_leaf, *m.parameters()], grad_y))
+    (y_loop, g_loop), (y_grouped, g_grouped) = results["loop"], results["grouped"]
+    assert y_loop.dtype == torch.bfloat16 and torch.equal(y_grouped, y_loop)
+    torch.testing.assert_close(g_grouped[0], g_loop[0], rtol=2e-2, atol=2e-2)
+    for g, g_ref in zip(g_grouped[1:], g_loop[1:]):
+        assert torch.equal(g, g_ref)
+
+
 # (N, K) = (12, 2) assignments to 4 experts, chosen to leave experts empty and the rest uneven
 ROUTINGS = {
     "first_empty": [[1, 2]] * 7 + [[3, 1]] * 4 + [[2, 3]],          # loads 0, 11, 8, 5
@@ -83,20 +125,20 @@ ROUTINGS = {
 @pytest.mark.parametrize("name", ["moe", "aoe", "uoe", "uoe_twice", "uoe_no_vse", "uoe_twice_pre_r4"])
 def test_grouped_dispatch_equals_loop_with_empty_and_uneven_experts(name, routing):
     """dispatch with a routing forced on it: each FFN's own expert function, weights and reused
-    scoring activations (extra), with experts that get no token."""
+    scoring activations, with experts that get no token; every (token, slot) output compared."""
     m = ffn_module("loop", **VARIANTS[name])
     x = torch.randn(1, 12, SMALL["n_embd"], requires_grad=True)
-    (x2d, _, gates, expert_fn, weights), kwargs = captured_dispatch(m, x)
-    topk_idx = torch.tensor(ROUTINGS[routing])[:, :gates.shape[1]]
-    grad_y = torch.randn(12, SMALL["n_embd"])
+    (x2d, own_idx, expert_fn, weights), kwargs = captured_dispatch(m, x)
+    topk_idx = torch.tensor(ROUTINGS[routing])[:, :own_idx.shape[1]]
+    grad_y = torch.randn(12, own_idx.shape[1], SMALL["n_embd"])   # one per (token, slot) output
     leaves = [x, *m.parameters()]
     outs = {}
     for path in ("loop", "grouped"):
-        y = uoe.dispatch(x2d, topk_idx, gates, expert_fn, weights, extra=kwargs.get("extra"), path=path)
+        y = uoe.dispatch(x2d, topk_idx, expert_fn, weights, reused=kwargs.get("reused"), path=path)   # (N, K, C)
         outs[path] = (y, torch.autograd.grad(y, leaves, grad_y, retain_graph=True, allow_unused=True))
     torch.testing.assert_close(outs["grouped"][0], outs["loop"][0], rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(outs["grouped"][1], outs["loop"][1]):
-        if g_ref is None:                           # e.g. the router: dispatch gets gates, not logits
+        if g_ref is None:                           # e.g. the router: dispatch gets the choice, not logits
             assert g is None
         else:
             torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
@@ -186,19 +228,36 @@ def fake_gpu(monkeypatch, major):
 
 
 @pytest.mark.parametrize("ffn", ["moe", "aoe", "uoe"])
-def test_auto_picks_grouped_on_hopper_or_blackwell_in_bf16_with_aligned_widths(ffn, monkeypatch):
+def test_auto_picks_grouped_on_hopper_in_bf16_with_aligned_widths(ffn, monkeypatch):
     if uoe.GROUPED_MM is None:
         pytest.skip(f"torch {torch.__version__} has no grouped_mm")
     c = GPTConfig(**SMALL, ffn=ffn)
-    for major in (9, 10):
-        fake_gpu(monkeypatch, major)
-        assert uoe.resolve_expert_path(c, "cuda", torch.bfloat16) == "grouped"
-        assert uoe.resolve_expert_path(c, torch.device("cuda", 0), torch.bfloat16) == "grouped"
-        assert uoe.resolve_expert_path(c, "cuda", torch.float32) == "loop"     # not where it is fast
+    fake_gpu(monkeypatch, 9)                                                    # H100/H200
+    assert uoe.resolve_expert_path(c, "cuda", torch.bfloat16) == "grouped"
+    assert uoe.resolve_expert_path(c, torch.device("cuda", 0), torch.bfloat16) == "grouped"
+    assert uoe.resolve_expert_path(c, "cuda", torch.float32) == "loop"         # not where it is fast
     fake_gpu(monkeypatch, 8)                                                    # A100: loop
     assert uoe.resolve_expert_path(c, "cuda", torch.bfloat16) == "loop"
     assert uoe.resolve_expert_path(c, "cpu", torch.bfloat16) == "loop"
     assert uoe.resolve_expert_path(c, "cpu", torch.float32) == "loop"
+
+
+@pytest.mark.parametrize("ffn", ["moe", "aoe", "uoe"])
+def test_auto_stays_on_the_loop_on_blackwell_and_explicit_grouped_warns(ffn, monkeypatch):
+    """PyTorch issue #172439: on compute capability 10.x grouped_mm gives experts with no tokens
+    non-zero weight gradients, so auto must not pick it there; an explicit 'grouped' runs, warned."""
+    if uoe.GROUPED_MM is None:
+        pytest.skip(f"torch {torch.__version__} has no grouped_mm")
+    fake_gpu(monkeypatch, 10)                                                   # B200
+    assert uoe.resolve_expert_path(GPTConfig(**SMALL, ffn=ffn), "cuda", torch.bfloat16) == "loop"
+    with pytest.warns(UserWarning, match="172439"):
+        path = uoe.resolve_expert_path(GPTConfig(**SMALL, ffn=ffn, expert_path="grouped"), "cuda", torch.bfloat16)
+    assert path == "grouped"
+    fake_gpu(monkeypatch, 9)                                                    # no warning where it is correct
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert uoe.resolve_expert_path(GPTConfig(**SMALL, ffn=ffn, expert_path="grouped"), "cuda",
+                                       torch.bfloat16) == "grouped"
 
 
 @pytest.mark.parametrize("kw", [dict(ffn="moe", n_embd=18, n_head=2), dict(ffn="moe", expert_hidden=36),

@@ -36,8 +36,8 @@ def ffn_module(**kw):
     return model.transformer.h[0].mlp
 
 
-# ---- the per-token float64 reference, written from METHOD.md with no batching tricks ---------
-# uoe_one_token is "UoE, one token at a time": §3 line by line; the batched layers must equal these.
+# ---- the per-token float64 references, written from METHOD.md with no batching tricks ---------
+# UoE's is uoe.uoe_one_token ("UoE, one token at a time", §3 line by line); the batched layers must equal these.
 
 def ref_swiglu(x, wg, wp, wo):
     return (F.silu(x @ wg) * (x @ wp)) @ wo
@@ -45,24 +45,6 @@ def ref_swiglu(x, wg, wp, wo):
 
 def norm(v, p):
     return torch.linalg.vector_norm(v, ord=float("inf") if p == "inf" else p)
-
-
-def uoe_one_token(m, c, x):
-    """§3, UoE for one token x (C,): m is a UoEFFN (its stacked weights), c its GPTConfig."""
-    E, K, R = c.n_expert, c.top_k, c.n_routing
-    pre = [x @ m.w_gate[i, :, :R] for i in range(E)]                   # routing pre-activations
-    a = [F.silu(v) for v in pre]                                        # routing activations a_i
-    h = [a[i] * (x @ m.w_up[i, :, :R]) for i in range(E)]
-    R_out = [h[i] @ m.w_down[i, :R] for i in range(E)]                  # R_i(x): the routing neurons' output
-    Q_out = [ref_swiglu(x, m.w_gate[i, :, R:], m.w_up[i, :, R:], m.w_down[i, R:]) for i in range(E)]   # Q_i(x)
-    score_of = {"silu": a, "pre": pre, "swiglu": h}[c.route_score]
-    s = torch.stack([norm(v, c.route_norm) for v in score_of])          # scores s_i
-    chosen = torch.topk(s, K).indices                                   # I = topK(s)
-    g = torch.softmax(s[chosen], dim=0)                                 # gates
-    if c.vse and c.uoe_output == "once":
-        return sum(R_out) + sum(g[j] * Q_out[i] for j, i in enumerate(chosen))   # VSE(x) + sum g_i Q_i(x)
-    routed = sum(g[j] * (R_out[i] + Q_out[i]) for j, i in enumerate(chosen))
-    return sum(R_out) + routed if c.vse else routed
 
 
 def moe_one_token(m, c, x):
@@ -90,7 +72,8 @@ def dense_one_token(m, c, x):
     return ref_swiglu(x, m.w_gate, m.w_up, m.w_down)
 
 
-ONE_TOKEN = {"dense": dense_one_token, "moe": moe_one_token, "aoe": aoe_one_token, "uoe": uoe_one_token}
+ONE_TOKEN = {"dense": dense_one_token, "moe": moe_one_token, "aoe": aoe_one_token,
+             "uoe": lambda m, c, x: uoe.uoe_one_token(m, x)}
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -111,6 +94,62 @@ def test_batched_ffn_equals_per_token_reference(name):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
     if c.ffn != "dense":   # routing actually varies across tokens, so the test means something
         assert len(torch.unique(m.last_routing["topk_idx"][:, 0])) > 1
+
+
+# ---- the layers' pieces, callable on their own (routing analysis and bench.py call them) -------
+
+def forced_choice(N, E, K):
+    """K distinct experts per token and positive gates, made by something other than a router."""
+    gen = torch.Generator().manual_seed(3)
+    topk_idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N)])     # (N, K)
+    gates = torch.rand(N, K, generator=gen, dtype=torch.float64) + 0.1
+    return topk_idx, gates
+
+
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_moe_chosen_experts_runs_a_choice_made_elsewhere(n_shared):
+    c = cfg(ffn="moe", n_shared=n_shared)
+    m = ffn_module(ffn="moe", n_shared=n_shared)
+    x = torch.randn(10, c.n_embd, dtype=torch.float64)
+    topk_idx, gates = forced_choice(10, c.n_expert, c.top_k)
+    expected = torch.stack([sum(gates[t, j] * ref_swiglu(x[t], m.w_gate[i], m.w_up[i], m.w_down[i])
+                                for j, i in enumerate(topk_idx[t])) for t in range(10)])
+    torch.testing.assert_close(m.chosen_experts(x, topk_idx, gates), expected, rtol=0, atol=1e-12)
+    if n_shared:
+        torch.testing.assert_close(m.shared_experts(x), ref_swiglu(x, m.shared_gate, m.shared_up, m.shared_down),
+                                   rtol=0, atol=1e-12)
+
+
+UOE_SWITCHES = [k for k in VARIANTS if VARIANTS[k]["ffn"] == "uoe"]
+
+
+@pytest.mark.parametrize("name", UOE_SWITCHES)
+def test_uoe_pieces_give_the_layer_and_run_a_choice_made_elsewhere(name):
+    """routing_activations, routing_hidden, activation_intensity, chosen_experts and
+    virtual_shared_expert, called by hand in forward's order, give the layer's output; chosen_experts
+    on a forced choice gives sum_j g_j Q_i(x) (with R_i(x) too for "twice" or without the VSE), and
+    virtual_shared_expert gives sum over all i of R_i(x)."""
+    c = cfg(**VARIANTS[name])
+    m = ffn_module(**VARIANTS[name])
+    x = torch.randn(10, c.n_embd, dtype=torch.float64)
+    pre, a = m.routing_activations(x)                                   # (N, E, N_s) each
+    h = m.routing_hidden(x, a)
+    top_s, topk_idx = m.activation_intensity(pre, a, h).topk(c.top_k, dim=-1)
+    h_reused = h if c.vse or c.route_score == "swiglu" else None       # the layer computes h only there
+    y = m.chosen_experts(x, topk_idx, F.softmax(top_s, dim=-1), a, h_reused)
+    if c.vse:
+        y = m.virtual_shared_expert(h) + y
+    torch.testing.assert_close(y, m(x.view(1, 10, -1)).view(10, -1), rtol=0, atol=1e-12)
+
+    Ns = c.n_routing
+    R = [(F.silu(x @ m.w_gate[i, :, :Ns]) * (x @ m.w_up[i, :, :Ns])) @ m.w_down[i, :Ns] for i in range(c.n_expert)]
+    Q = [ref_swiglu(x, m.w_gate[i, :, Ns:], m.w_up[i, :, Ns:], m.w_down[i, Ns:]) for i in range(c.n_expert)]
+    with_R = c.uoe_output == "twice" or not c.vse
+    topk_idx, gates = forced_choice(10, c.n_expert, c.top_k)
+    expected = torch.stack([sum(gates[t, j] * (Q[i][t] + (R[i][t] if with_R else 0)) for j, i in enumerate(topk_idx[t]))
+                            for t in range(10)])
+    torch.testing.assert_close(m.chosen_experts(x, topk_idx, gates, a, h_reused), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m.virtual_shared_expert(h), sum(R), rtol=0, atol=1e-12)
 
 
 # ---- model-level properties ---------------------------------------------------------------
@@ -307,6 +346,35 @@ def test_active_params_and_flops_formulas():
     assert uoe.param_counts(aoe)[1] == base + L * (E * C * Lo + K * (Lo * D + 2 * C * D))
     dense = GPTConfig(ffn="dense")
     assert uoe.param_counts(dense) == (base + L * 3 * C * D,) * 2
+
+
+# ffn_breakdown (params, scoring, shared, experts) and active params per token of the default sizes, as the
+# code gave them before uoe.py was reordered (commit 970e9d1): a change of layout must not change the accounting
+RECORDED_ACCOUNTING = {
+    "dense": (dict(ffn="dense"), (98304, 0, 98304, 0, 7128192)),
+    "moe": (dict(ffn="moe"), (787456, 1024, 0, 196608, 7525504)),
+    "moe_shared": (dict(ffn="moe", n_shared=1), (885760, 1024, 98304, 196608, 7918720)),
+    "moe_top1": (dict(ffn="moe", top_k=1), (787456, 1024, 0, 98304, 7132288)),
+    "aoe": (dict(ffn="aoe"), (653312, 43008, 0, 152576, 7517312)),
+    "uoe": (dict(ffn="uoe"), (786432, 32768, 65536, 172032, 7816320)),
+    "uoe_twice": (dict(ffn="uoe", uoe_output="twice"), (786432, 32768, 65536, 180224, 7816320)),
+    "uoe_no_vse": (dict(ffn="uoe", vse=False), (786432, 32768, 0, 188416, 7619712)),
+    "uoe_no_vse_swiglu": (dict(ffn="uoe", vse=False, route_score="swiglu"), (786432, 65536, 0, 180224, 7718016)),
+    "uoe_no_vse_pre": (dict(ffn="uoe", vse=False, route_score="pre"), (786432, 32768, 0, 188416, 7619712)),
+    "uoe_pre": (dict(ffn="uoe", route_score="pre"), (786432, 32768, 65536, 172032, 7816320)),
+    "uoe_swiglu": (dict(ffn="uoe", route_score="swiglu"), (786432, 65536, 32768, 172032, 7816320)),
+    "uoe_twice_swiglu": (dict(ffn="uoe", uoe_output="twice", route_score="swiglu"),
+                         (786432, 65536, 32768, 180224, 7816320)),
+    "uoe_twice_no_vse": (dict(ffn="uoe", uoe_output="twice", vse=False), (786432, 32768, 0, 188416, 7619712)),
+}
+
+
+@pytest.mark.parametrize("name", RECORDED_ACCOUNTING)
+def test_accounting_equals_the_recorded_values(name):
+    kw, expected = RECORDED_ACCOUNTING[name]
+    c = GPTConfig(**kw)
+    f = uoe.ffn_breakdown(c)
+    assert (f["params"], f["scoring"], f["shared"], f["experts"], uoe.param_counts(c)[1]) == expected
 
 
 @pytest.mark.parametrize("by", ["flops", "params"])
