@@ -1,24 +1,30 @@
 """
 Check the GPU paths in one command, offline, from the repository root:
 
-    python gpu_check.py                 # ~6-8 minutes on one H100-class GPU
+    python gpu_check.py                 # at most 8 minutes on one GPU
     python gpu_check.py --skip tests    # any of: tests, bench, train
 
 1. environment: torch, CUDA, the GPU, whether this torch has grouped_mm, which expert path
-   `auto` picks at the GPU preset;
+   `auto` picks at the GPU preset; then one cold torch.compile of the train stage's UoE model
+   (forward and backward, bf16), timed: the compile time every stage's limit is sized from;
 2. the CUDA tests (tests/test_cuda.py: grouped GEMM == loop in bf16, compiled bf16 training);
 3. `bench.py speed --preset gpu` for dense, moe and uoe, compiled (step time, tokens/s, MFU,
    peak memory, graph breaks, recompiles) at matched active FLOPs;
 4. a short compiled bf16 `train.py` run per variant on GPT-2 BPE tiny Shakespeare (prepared from
    the files in data/, no download), read back from its metrics.jsonl.
 
-Each stage has its own time limit, so the whole stays under 8 minutes; a stage that fails or
-times out is reported and the others still run. Everything goes to --out_dir (default
-gpu_check_out/), with the summary in summary.md. Exit code 0 only when every stage passed.
+A stage is predicted to take its cold compiles times the measured compile time plus a fixed
+allowance for the rest of its work (STAGES); its limit is MARGIN times that, less what the stages
+after it are predicted to need, so the whole stays within BUDGET_S. A stage that would not fit
+even its prediction is not run (check it alone with --skip). Every stage ends in a row of the
+summary table (stage, status, seconds, limit), whether it passed, failed or timed out.
+Everything goes to --out_dir (default gpu_check_out/), the summary to summary.md. Exit code 0
+only when every stage passed.
 """
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,26 +32,66 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
-STAGES = ("tests", "bench", "train")
 VARIANTS = ("dense", "moe", "uoe")
 # the train runs: a 6 x 512 model, big enough for the GPU to matter, small enough to compile fast
-TRAIN_OPTIONS = ["--dataset=shakespeare", "--n_layer=6", "--n_head=8", "--n_embd=512", "--expert_hidden=1024",
-                 "--block_size=512", "--batch_size=16", "--max_iters=60", "--eval_interval=60", "--eval_iters=5",
-                 "--log_interval=5", "--warmup_iters=10", "--learning_rate=6e-4", "--min_lr=6e-5",
-                 "--device=cuda", "--dtype=bfloat16", "--compile=True", "--plot=False", "--overwrite=True"]
-LIMITS = {"tests": 180, "bench": 180, "train": 40}   # seconds (train: per variant); 480 s in all
+TRAIN_MODEL = dict(n_layer=6, n_head=8, n_embd=512, expert_hidden=1024, block_size=512)
+TRAIN_OPTIONS = [*(f"--{k}={v}" for k, v in TRAIN_MODEL.items()), "--dataset=shakespeare", "--batch_size=16",
+                 "--max_iters=60", "--eval_interval=60", "--eval_iters=5", "--log_interval=5", "--warmup_iters=10",
+                 "--learning_rate=6e-4", "--min_lr=6e-5", "--device=cuda", "--dtype=bfloat16", "--compile=True",
+                 "--plot=False", "--overwrite=True"]
+# stage -> (cold compiles in one run, seconds for the rest of a run: start-up, eager work, timed steps and,
+# for train, the ~1.3 GB checkpoint of the MoE model); train is one run per variant
+STAGES = {"tests": (4, 30), "bench": (4, 45), "train": (2, 20)}
+BUDGET_S = 480          # the whole check, the compile measurement included
+MARGIN = 2.0            # a stage may take twice its predicted time, if the later stages leave room
+FALLBACK_COMPILE_S = 30  # assumed when the measurement itself fails
 
 
 def run(cmd, limit, log):
-    """(exit code or 'timeout', seconds, output tail) of cmd, its output also written to log."""
+    """(exit code or "timeout", seconds) of cmd, its output written to log. On timeout its whole process
+    group is killed: inductor's compile workers must not slow the next stage down."""
     t0 = time.time()
     with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
+            code = p.wait(timeout=limit)
         except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
             code = "timeout"
-    tail = Path(log).read_text(errors="replace").strip().splitlines()[-12:]
-    return code, time.time() - t0, tail
+    return code, time.time() - t0
+
+
+def stage_limit(predicted, left):
+    """Time limit of the first of the remaining runs, given each one's predicted seconds and the seconds left:
+    MARGIN x its prediction, less what the later runs that fit are predicted to need; None if it does not fit."""
+    if predicted[0] > left:
+        return None
+    room, later = left - predicted[0], 0.0
+    for p in predicted[1:]:   # in order: a later run that fits keeps its predicted time
+        if p <= room:
+            room, later = room - p, later + p
+    return min(MARGIN * predicted[0], left - later)
+
+
+def measure_compile_s():
+    """Seconds of one cold torch.compile of the train stage's UoE model: forward and backward under bf16."""
+    import torch
+    import uoe
+    torch._dynamo.reset()
+    model = uoe.GPT(uoe.GPTConfig(ffn="uoe", **TRAIN_MODEL)).cuda()
+    idx = torch.randint(0, model.config.vocab_size, (16, TRAIN_MODEL["block_size"]), device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.time()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = torch.compile(model)(idx, idx)
+    loss.backward()
+    torch.cuda.synchronize()
+    seconds = time.time() - t0
+    del model, loss
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return seconds
 
 
 def environment():
@@ -61,8 +107,14 @@ def environment():
 
 
 def train_summary(out_dir):
-    """Median step time, tokens/s, MFU and peak memory of a run's timed train records."""
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    """Median step time, tokens/s, MFU and peak memory of a run's timed train records; a record cut off by
+    a timeout is skipped."""
+    records = []
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
     train = [r for r in records if r["kind"] == "train"][2:]   # the first records include compilation
     val = [r["val_loss"] for r in records if r["kind"] == "eval"]
 
@@ -93,6 +145,68 @@ def fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
+def stage_runs(skip, out):
+    """(name, stage, command, run_dir) of each run to do; run_dir: the train run's out_dir, else None."""
+    runs = [("tests", "tests", [sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py"], None),
+            ("bench", "bench", [sys.executable, "bench.py", "speed", "--preset", "gpu", "--compile", "compile",
+                                "--variants", ",".join(VARIANTS), "--reps", "10", "--out_dir", str(out)], None)]
+    runs += [(f"train {v}", "train", [sys.executable, "train.py", f"--ffn={v}", f"--out_dir={out / f'train-{v}'}",
+                                      *TRAIN_OPTIONS], out / f"train-{v}") for v in VARIANTS]
+    return [r for r in runs if r[1] not in skip]
+
+
+def verdict(code, run_dir):
+    """"passed", or why not: a timeout, the exit code, or (a train run) a validation loss that did not fall."""
+    if code != 0:
+        return "timeout" if code == "timeout" else f"failed: exit {code}"
+    if run_dir is None:
+        return "passed"
+    s = train_summary(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
+    fell = s.get("last_val") is not None and s["last_val"] < s["first_val"]
+    return "passed" if fell else "failed: val loss did not fall"
+
+
+def run_stages(runs, compile_s, deadline, out, clock=time.time):
+    """Run each (name, stage, command, run_dir) within its limit; a (name, status, seconds, limit) row for each."""
+    predicted = [STAGES[stage][0] * compile_s + STAGES[stage][1] for _, stage, _, _ in runs]
+    rows = []
+    for i, (name, _, cmd, run_dir) in enumerate(runs):
+        limit = stage_limit(predicted[i:], deadline - clock())
+        if limit is None:
+            rows.append((name, f"not run: predicted {predicted[i]:.0f} s, {deadline - clock():.0f} s of the "
+                               f"{BUDGET_S} s left", None, None))
+        else:
+            if run_dir:  # no numbers of an earlier check in this out_dir
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            code, secs = run(cmd, limit, out / f"{name.replace(' ', '-')}.log")
+            rows.append((name, verdict(code, run_dir), secs, limit))
+        print(f"{name}: {rows[-1][1]}", flush=True)
+    return rows
+
+
+def summary(rows, compile_s, out):
+    """The stage table, then the numbers of the bench and train runs that ran."""
+    lines = [f"## Stages (limits from a cold compile of {compile_s:.1f} s; {BUDGET_S} s in all)", "",
+             "| stage | status | seconds | limit s |", "|---|---|---:|---:|",
+             *(f"| {name} | {status} | {fmt(secs, '.0f')} | {fmt(limit, '.0f')} |" 
+               for name, status, secs, limit in rows)]
+    ran = {name for name, _, secs, _ in rows if secs is not None}
+    if ("bench", "passed") in {row[:2] for row in rows}:   # bench.py writes its JSON when it is done
+        lines += ["", "## bench.py speed --preset gpu (compiled, bf16, matched active FLOPs; all of it in bench.log)",
+                  "", *bench_table(json.loads((out / "bench_speed.json").read_text()))]
+    trained = [v for v in VARIANTS if f"train {v}" in ran and (out / f"train-{v}" / "metrics.jsonl").is_file()]
+    if trained:
+        lines += ["", f"## train.py, compiled bf16, 60 steps ({' '.join(TRAIN_OPTIONS[:6])})", "",
+                  "| variant | ms/step | tokens/s | MFU | peak MiB | val loss (step 0 -> 60) |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for v in trained:
+            s = train_summary(out / f"train-{v}")
+            lines.append(f"| {v} | {fmt(s['step_ms'], '.1f')} | {fmt(s['tok_per_s'], ',.0f')} | "
+                         f"{fmt(s['mfu'], '.1%')} | {fmt(s['peak_mem_mb'], ',.0f')} | "
+                         f"{fmt(s['first_val'], '.3f')} -> {fmt(s['last_val'], '.3f')} |")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run the GPU checks (needs a CUDA GPU; no network).")
     p.add_argument("--out_dir", default="gpu_check_out")
@@ -106,55 +220,29 @@ def main(argv=None):
         print("error: no CUDA GPU is visible to torch here; run this on a machine with one "
               "(the CPU tests are `python -m pytest -q`)", file=sys.stderr)
         return 2
+    deadline = time.time() + BUDGET_S
     out = (REPO / args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ["PYTHONUNBUFFERED"] = "1"     # the logs show progress as it happens
-    lines, ok = ["# gpu_check.py", ""], True
-
-    facts = environment()
-    lines += ["## Environment", "", *[f"- {k}: {v}" for k, v in facts.items()], ""]
-    print("\n".join(lines), flush=True)
-
-    if "tests" not in skip:
-        code, secs, tail = run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py"],
-                               LIMITS["tests"], out / "tests.log")
-        ok &= code == 0
-        lines += ["## CUDA tests", "", f"`python -m pytest -q tests/test_cuda.py`: "
-                  f"exit {code} in {secs:.0f} s; {tail[-1] if tail else ''}", ""]
-        print("\n".join(lines[-4:]), flush=True)
-
-    if "bench" not in skip:
-        cmd = [sys.executable, "bench.py", "speed", "--preset", "gpu", "--variants", ",".join(VARIANTS),
-               "--compile", "compile", "--reps", "10", "--out_dir", str(out)]
-        code, secs, _ = run(cmd, LIMITS["bench"], out / "bench.log")
-        ok &= code == 0
-        table = bench_table(json.loads((out / "bench_speed.json").read_text())) if code == 0 else []
-        lines += ["## bench.py speed --preset gpu (compiled, bf16, matched active FLOPs)", "",
-                  f"`{' '.join(cmd[1:])}`: exit {code} in {secs:.0f} s (full table in bench.log)", "", *table, ""]
-        print("\n".join(lines[-len(table) - 4:]), flush=True)
-
+    env = ["## Environment", "", *[f"- {k}: {v}" for k, v in environment().items()]]
+    print("\n".join(env), flush=True)
+    try:
+        compile_s, measured = measure_compile_s(), "passed"
+    except Exception as e:  # report it and size the stages from an assumption: the stages show what fails
+        compile_s, measured = FALLBACK_COMPILE_S, f"failed ({type(e).__name__}: {e}); {FALLBACK_COMPILE_S} s assumed"
+    print(f"one cold compile: {compile_s:.1f} s ({measured})", flush=True)
     if "train" not in skip:
-        from data.prepare import ensure_dataset
-        ensure_dataset("shakespeare")
-        rows = ["| variant | exit | wall s | ms/step | tokens/s | MFU | peak MiB | val loss (step 0 -> 60) |",
-                "|---|---:|---:|---:|---:|---:|---:|---|"]
-        for v in VARIANTS:
-            run_dir = out / f"train-{v}"
-            code, secs, _ = run([sys.executable, "train.py", f"--ffn={v}", f"--out_dir={run_dir}", *TRAIN_OPTIONS],
-                                LIMITS["train"], out / f"train-{v}.log")
-            s = train_summary(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
-            lowered = s.get("last_val") is not None and s["last_val"] < s["first_val"]
-            ok &= code == 0 and lowered
-            rows.append(f"| {v} | {code} | {secs:.0f} | {fmt(s.get('step_ms'), '.1f')} | "
-                        f"{fmt(s.get('tok_per_s'), ',.0f')} | {fmt(s.get('mfu'), '.1%')} | "
-                        f"{fmt(s.get('peak_mem_mb'), ',.0f')} | {fmt(s.get('first_val'), '.3f')} -> "
-                        f"{fmt(s.get('last_val'), '.3f')} |")
-            print(rows[-1], flush=True)
-        lines += ["## train.py, compiled bf16, 60 steps (" + " ".join(TRAIN_OPTIONS[:8]) + ")", "", *rows, ""]
-
-    lines.append(f"all stages passed: {ok}")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print(f"\nall stages passed: {ok}; summary in {out / 'summary.md'}, logs beside it")
+        from data.prepare import DataError, ensure_dataset
+        try:
+            ensure_dataset("shakespeare")
+        except DataError as e:   # the train runs then fail and say why in their logs
+            print(f"note: {e}", flush=True)
+    rows = [("cold compile (train uoe model)", measured, compile_s if measured == "passed" else None, None)]
+    rows += run_stages(stage_runs(skip, out), compile_s, deadline, out)
+    ok = all(status == "passed" for _, status, _, _ in rows)
+    report = [*summary(rows, compile_s, out), "", f"all stages passed: {ok}"]
+    (out / "summary.md").write_text("\n".join(["# gpu_check.py", "", *env, "", *report]) + "\n")
+    print("\n" + "\n".join(report) + f"\nsummary in {out / 'summary.md'}, logs beside it")
     return 0 if ok else 1
 
 

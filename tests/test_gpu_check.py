@@ -1,20 +1,21 @@
-"""gpu_check.py without a GPU: a one-line refusal, and the tables it builds from bench/train output."""
+"""gpu_check.py without a GPU: a one-line refusal, the stage limits sized from a measured compile time (with a
+fake runner and clock), the timeout of a stage, and the tables it builds from bench/train output."""
 import json
-import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import gpu_check
-from conftest import REPO
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present: the check would run for real")
-def test_without_a_gpu_it_exits_2_with_one_line():
-    p = subprocess.run([sys.executable, "gpu_check.py"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: no CUDA GPU")
+def test_without_a_gpu_it_exits_2_with_one_line(capsys):
+    assert gpu_check.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: no CUDA GPU")
 
 
 def test_unknown_stage_is_refused():
@@ -43,3 +44,146 @@ def test_bench_table_gives_each_step_against_dense():
     table = gpu_check.bench_table({"rows": rows})
     assert table[2].startswith("| dense | 3072 | – | 100.0 | 1.00 | 81,920 | 41.0% | 20,000 | 0 | 0 |")
     assert table[3].startswith("| uoe | 1024 | grouped | 125.0 | 1.25 | 65,536 | 33.0% | – | 0 | 0 |")
+
+
+def test_train_summary_skips_a_record_cut_off_by_a_timeout(tmp_path):
+    lines = [json.dumps({"kind": "eval", "step": 0, "val_loss": 10.8}),
+             json.dumps({"kind": "train", "step": 5, "step_ms": 30.0}), '{"kind": "train", "st']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    s = gpu_check.train_summary(tmp_path)
+    assert s["first_val"] == s["last_val"] == 10.8 and s["step_ms"] is None
+
+
+def test_stage_limit_is_twice_the_prediction_less_what_later_runs_need():
+    assert gpu_check.MARGIN == 2.0
+    assert gpu_check.stage_limit([10, 20, 30], 100) == 20           # plenty of time: 2 x 10
+    assert gpu_check.stage_limit([10, 20, 30], 70) == 20            # 70 - 50 = 20 left for the first
+    assert gpu_check.stage_limit([10, 20, 30], 65) == 15            # later runs keep their predicted time
+    assert gpu_check.stage_limit([10, 20, 30], 35) == 15            # 30 does not fit after 10 + 20: not kept
+    assert gpu_check.stage_limit([10, 20, 30], 12) == 12            # only the first fits
+    assert gpu_check.stage_limit([50, 1], 40) is None                # not even the first: not run
+
+
+RUNS = ["tests", "bench", "train dense", "train moe", "train uoe"]
+
+
+class FakeGPU:
+    """gpu_check.run and a clock for run_stages: each run takes `took[name]` seconds (its limit if that is less)."""
+
+    def __init__(self, monkeypatch, took):
+        self.now, self.took, self.limits = 0.0, took, {}
+        monkeypatch.setattr(gpu_check, "run", self.run)
+
+    def clock(self):
+        return self.now
+
+    def run(self, cmd, limit, log):
+        name = log.stem.replace("-", " ")
+        self.limits[name] = limit
+        secs = min(limit, self.took[name])
+        self.now += secs
+        return ("timeout" if self.took[name] > limit else 0), secs
+
+
+def fake_runs(tmp_path, skip=()):
+    """The check's runs, each judged by its exit code alone (verdict's loss check has its own test)."""
+    return [(name, stage, cmd, None) for name, stage, cmd, _ in gpu_check.stage_runs(set(skip), tmp_path)]
+
+
+def test_limits_are_sized_from_the_measured_compile_time(tmp_path, monkeypatch):
+    """A compile twice as slow gets limits twice as long on its compile part, within the same budget."""
+    limits = {}
+    for compile_s in (5, 10):
+        gpu = FakeGPU(monkeypatch, dict.fromkeys(RUNS, 1))
+        rows = gpu_check.run_stages(fake_runs(tmp_path), compile_s, 480, tmp_path, gpu.clock)
+        assert [r[1] for r in rows] == ["passed"] * 5
+        limits[compile_s] = gpu.limits
+    assert limits[5]["tests"] == 2 * (4 * 5 + 30) and limits[10]["tests"] == 2 * (4 * 10 + 30)
+    assert limits[5]["train moe"] == 2 * (2 * 5 + 20) and limits[10]["train moe"] == 2 * (2 * 10 + 20)
+
+
+def test_a_timeout_is_reported_and_every_stage_gets_a_row_within_the_budget(tmp_path, monkeypatch):
+    took = {"tests": 60, "bench": 10_000, "train dense": 30, "train moe": 30, "train uoe": 30}   # bench hangs
+    gpu = FakeGPU(monkeypatch, took)
+    rows = gpu_check.run_stages(fake_runs(tmp_path), 20, 400, tmp_path, gpu.clock)
+    status = {name: s for name, s, _, _ in rows}
+    assert list(status) == ["tests", "bench", "train dense", "train moe", "train uoe"]
+    assert status["tests"] == "passed" and status["bench"] == "timeout"
+    assert all(status[f"train {v}"] == "passed" for v in gpu_check.VARIANTS)   # bench left them their time
+    assert gpu.now <= 400
+    assert "| bench | timeout | " in "\n".join(gpu_check.summary(rows, 20, tmp_path))
+
+
+def test_a_run_that_does_not_fit_is_reported_as_not_run(tmp_path, monkeypatch):
+    """A 60 s compile predicts 285 s for bench and 140 s per train run: 705 s, more than the 480 s."""
+    gpu = FakeGPU(monkeypatch, {"bench": 200, "train dense": 130, "train moe": 130, "train uoe": 130})
+    rows = gpu_check.run_stages(fake_runs(tmp_path, skip=["tests"]), 60, 480, tmp_path, gpu.clock)
+    assert [r[:2] for r in rows[:3]] == [("bench", "passed"), ("train dense", "passed"), ("train moe", "passed")]
+    assert gpu.limits == {"bench": 340, "train dense": 140, "train moe": 150}
+    assert rows[3][:2] == ("train uoe", "not run: predicted 140 s, 20 s of the 480 s left") and rows[3][2] is None
+    assert gpu.now <= 480
+
+
+def test_a_train_run_passes_only_when_its_val_loss_fell(tmp_path):
+    records = [{"kind": "eval", "step": 0, "val_loss": 10.8}, {"kind": "eval", "step": 60, "val_loss": 11.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
+    assert gpu_check.verdict(0, tmp_path) == "failed: val loss did not fall"
+    assert gpu_check.verdict(0, tmp_path / "never_ran") == "failed: val loss did not fall"
+    assert gpu_check.verdict(1, None) == "failed: exit 1" and gpu_check.verdict("timeout", None) == "timeout"
+    records[1]["val_loss"] = 6.5
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
+    assert gpu_check.verdict(0, tmp_path) == "passed"
+
+
+def test_a_timeout_kills_the_whole_process_group(tmp_path):
+    """A stage's children (inductor's compile workers) must not outlive its time limit."""
+    child = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    code, secs = gpu_check.run([sys.executable, "-c", script], 1.0, tmp_path / "log")
+    assert code == "timeout" and secs < 30
+    pid = int(child.read_text())
+    for _ in range(100):   # the grandchild is gone (or a zombie waiting for init to reap it)
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"process {pid} outlived the timeout")
+
+
+def test_main_reports_every_stage_when_the_compile_measurement_fails_and_bench_times_out(tmp_path, monkeypatch):
+    import data.prepare
+
+    def no_compile():
+        raise RuntimeError("inductor crashed")
+
+    def fake_run(cmd, limit, log):
+        log.write_text("output\n")
+        if "bench.py" in cmd:
+            return "timeout", limit
+        if "train.py" in cmd:   # a run that lowers the loss
+            run_dir = Path(next(a for a in cmd if a.startswith("--out_dir=")).split("=", 1)[1])
+            run_dir.mkdir(parents=True)
+            records = [{"kind": "eval", "step": 0, "val_loss": 10.8}, {"kind": "eval", "step": 60, "val_loss": 6.5}]
+            (run_dir / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
+        return 0, 1.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"gpu": "fake"})
+    monkeypatch.setattr(gpu_check, "measure_compile_s", no_compile)
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    monkeypatch.setattr(data.prepare, "ensure_dataset", lambda name: None)
+    assert gpu_check.main(["--out_dir", str(tmp_path / "out")]) == 1
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| cold compile (train uoe model) | failed (RuntimeError: inductor crashed); 30 s assumed | – | – |" \
+        in summary
+    assert "| tests | passed | 1 | 155 |" in summary   # 480 s less the 325 s predicted for bench and two train runs
+    assert "| bench | timeout | " in summary and "## bench.py" not in summary
+    for v in gpu_check.VARIANTS:
+        assert f"| train {v} | passed | 1 | 160 |" in summary          # 2 x (2 x 30 + 20)
+        assert f"| {v} | – | – | – | – | 10.800 -> 6.500 |" in summary
+    assert summary.endswith("all stages passed: False\n")
