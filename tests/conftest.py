@@ -121,7 +121,9 @@ def count_calls(monkeypatch, module, name):
 
 def captured_dispatch(m, x, autocast_dtype=None):
     """Run the FFN m on x once (under autocast to autocast_dtype if given) and return the (args,
-    kwargs) it passed to uoe.dispatch, so that a test can call dispatch itself with a forced routing."""
+    kwargs) it passed to uoe.dispatch: args (x, topk_idx, expert_fn, weights), kwargs path and, where
+    the experts reuse scoring's activations, reused; so that a test can call dispatch itself with a
+    forced routing."""
     import uoe
     seen, real = {}, uoe.dispatch
 
