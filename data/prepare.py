@@ -21,7 +21,9 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,7 +185,7 @@ def shakespeare_files(out_dir):
 
 # -----------------------------------------------------------------------------
 # Streaming, the one part here for inputs far larger than the shipped data: the text is read a few MB at a
-# time and cut where no GPT-2 pre-token can span; prepare() encodes the chunks on several threads.
+# time, cut where no GPT-2 pre-token can span, and encoded a few chunks at a time on as many threads.
 
 def text_chunks(files, chunk_chars, sha=None):
     """The files' text joined (a newline added after a file that lacks one) and hashed into sha, in chunks
@@ -215,6 +217,35 @@ def text_chunks(files, chunk_chars, sha=None):
         yield buf
 
 
+def write_tokens(path, chunks, encode, dtype, workers, name):
+    """encode(chunk) of every chunk, in order, appended to path; `workers` chunks at a time on as many threads
+    (tiktoken releases the GIL), so the text is never read further ahead than that."""
+    batches = iter(lambda: list(itertools.islice(chunks, workers)), [])
+    with open(path, "wb") as f, ThreadPoolExecutor(workers) as pool:
+        for i, batch in enumerate(batches, 1):
+            for ids in pool.map(encode, batch):
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+            if i % 16 == 0:  # a sign of life on GB-sized inputs
+                print(f"{name}: {f.tell() // np.dtype(dtype).itemsize:,} tokens so far", flush=True)
+
+
+# -----------------------------------------------------------------------------
+
+def char_vocabulary(files, chunk_chars, ascii_only):
+    """(itos, encode, n_unk): the characters of the text in code point order, encode(text) -> ids, and n_unk,
+    how many of its characters are not ASCII; ascii_only: each of those is encoded as UNK."""
+    counts = np.zeros(0x110000, dtype=np.int64)     # (code points,) occurrences in the text
+    for chunk in text_chunks(files, chunk_chars):
+        n = np.bincount(code_points(chunk))
+        counts[:len(n)] += n
+    table = np.arange(len(counts))                   # code point -> the character it is encoded as
+    if ascii_only:
+        table[128:] = ord(UNK)
+    present = np.unique(table[counts > 0])           # (vocab_size,) in code point order
+    table = np.searchsorted(present, table).astype(np.uint32)   # code point -> token id
+    return [chr(c) for c in present], lambda text: table[code_points(text)], int(counts[128:].sum())
+
+
 def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bpe_dir=None,
             chunk_chars=CHUNK_CHARS, workers=min(8, os.cpu_count() or 1), stdlib_root=None):
     """Write out_dir (default data/<name>)/{train.bin, val.bin, meta.json}; returns out_dir.
@@ -237,14 +268,12 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
     out_dir = Path(out_dir) if out_dir else DATA_DIR / name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".probe.{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out_dir).close()   # can we write there?
     except OSError as e:
         raise DataError(f"cannot write to {out_dir} ({e.strerror}); choose another --out_dir") from None
 
     meta = {"name": name, "tokenizer": tokenizer}
-    if stdlib:
+    if stdlib:  # the corpus depends on this Python's version, build and distribution
         source = f"Python {sys.version.split()[0]} standard library: {stdlib_root.resolve()}"
         meta.update(python_version=sys.version, python_implementation=sys.implementation.name,
                     excluded=sorted(STDLIB_SKIP) + ["_sysconfigdata*.py", "config-*/"])
@@ -252,52 +281,31 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
         files, source = shakespeare_files(out_dir)
     else:
         source = " ".join(str(Path(p).resolve()) for p in ([input] if isinstance(input, (str, os.PathLike)) else input))
-
     if tokenizer == "char":  # the vocabulary needs a first pass over the text
-        counts = np.zeros(0x110000, dtype=np.int64)     # (code points,) occurrences in the text
-        for chunk in text_chunks(files, chunk_chars):
-            n = np.bincount(code_points(chunk))
-            counts[:len(n)] += n
-        table = np.arange(len(counts))                   # code point -> the character it is encoded as
-        if stdlib:  # pystdlib_char: every non-ASCII character becomes UNK
-            table[128:] = ord(UNK)
-            meta.update(unk=UNK, non_ascii_mapped_to_unk=int(counts[128:].sum()))
-        present = np.unique(table[counts > 0])           # (vocab_size,) in code point order
-        meta["itos"] = [chr(c) for c in present]
+        meta["itos"], encode, n_unk = char_vocabulary(files, chunk_chars, ascii_only=stdlib)
         meta["stoi"] = {c: i for i, c in enumerate(meta["itos"])}
-        table = np.searchsorted(present, table).astype(np.uint32)   # code point -> token id
-        vocab_size, encode = len(present), lambda text: table[code_points(text)]
+        if stdlib:  # pystdlib_char
+            meta.update(unk=UNK, non_ascii_mapped_to_unk=n_unk)
+        vocab_size = len(meta["itos"])
     else:
         bpe_dir = find_bpe_dir(bpe_dir)
         enc = gpt2_encoding(bpe_dir)
-        vocab_size, encode = enc.n_vocab, enc.encode_ordinary   # tiktoken releases the GIL: threads run in parallel
-        meta["bpe"] = bpe_dir or "tiktoken gpt2"
-    dtype, sha = (np.uint16 if vocab_size <= 1 << 16 else np.uint32), hashlib.sha256()
-    itemsize = np.dtype(dtype).itemsize
+        vocab_size, encode, meta["bpe"] = enc.n_vocab, enc.encode_ordinary, bpe_dir or "tiktoken gpt2"
+    dtype, sha = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32), hashlib.sha256()
 
     tmp = {f: out_dir / f"{f}.{os.getpid()}.tmp" for f in ("train.bin", "val.bin", "meta.json")}
-    try:
-        # all tokens go to the train file first, `workers` chunks at a time; the last val_fraction then
-        # moves to val.bin
-        chunks = text_chunks(files, chunk_chars, sha)
-        batches = iter(lambda: list(itertools.islice(chunks, workers)), [])
-        with open(tmp["train.bin"], "wb") as f, ThreadPoolExecutor(workers) as pool:
-            for i, batch in enumerate(batches, 1):
-                for ids in pool.map(encode, batch):
-                    f.write(np.asarray(ids, dtype=dtype).tobytes())
-                if i % 16 == 0:  # a sign of life on GB-sized inputs
-                    print(f"{name}: {f.tell() // itemsize:,} tokens so far", flush=True)
-        n = tmp["train.bin"].stat().st_size // itemsize
+    try:  # all tokens go to the train file first; the last val_fraction then moves to val.bin
+        write_tokens(tmp["train.bin"], text_chunks(files, chunk_chars, sha), encode, dtype, workers, name)
+        n = tmp["train.bin"].stat().st_size // dtype.itemsize
         n_val = int(n * val_fraction)
         if n_val < 1:
             raise DataError(f"{n} tokens leave an empty val split at val_fraction {val_fraction}; "
                             "give more text or raise --val_fraction")
         with open(tmp["train.bin"], "r+b") as f, open(tmp["val.bin"], "wb") as g:
-            f.seek((n - n_val) * itemsize)
-            while block := f.read(64 << 20):
-                g.write(block)
-            f.truncate((n - n_val) * itemsize)
-        meta.update(vocab_size=vocab_size, dtype=np.dtype(dtype).name, train_tokens=n - n_val, val_tokens=n_val,
+            f.seek((n - n_val) * dtype.itemsize)
+            shutil.copyfileobj(f, g)
+            f.truncate((n - n_val) * dtype.itemsize)
+        meta.update(vocab_size=vocab_size, dtype=dtype.name, train_tokens=n - n_val, val_tokens=n_val,
                     val_fraction=val_fraction, split="val.bin = the last val_fraction of the token stream",
                     source=source, source_files=len(files), source_sha256=sha.hexdigest())
         tmp["meta.json"].write_text(json.dumps(meta, indent=1))
@@ -312,7 +320,7 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
         for p in tmp.values():
             p.unlink(missing_ok=True)
     print(f"wrote {out_dir}: {n - n_val:,} train + {n_val:,} val tokens, vocab {vocab_size:,} ({tokenizer}), "
-          f"{meta['dtype']}, from {source} in {time.time() - t0:.1f} s")
+          f"{dtype.name}, from {source} in {time.time() - t0:.1f} s")
     return out_dir
 
 
