@@ -16,10 +16,10 @@ Check the GPU paths in one command, offline, from the repository root:
 A stage is predicted to take its cold compiles times the measured compile time plus a fixed
 allowance for the rest of its work (STAGES); its limit is MARGIN times that, less what the stages
 after it are predicted to need, so the whole stays within BUDGET_S. A stage that would not fit
-even its prediction is not run (check it alone with --skip). Every stage ends in a row of the
-summary table (stage, status, seconds, limit), whether it passed, failed or timed out.
-Everything goes to --out_dir (default gpu_check_out/), the summary to summary.md. Exit code 0
-only when every stage passed.
+even its prediction is not run and says how to check it alone (--skip the others; a second run
+also finds inductor's caches warm). Every stage ends in a row of the summary table (stage,
+status, seconds, limit), whether it passed, failed or timed out. Everything goes to --out_dir
+(default gpu_check_out/), the summary to summary.md. Exit code 0 only when every stage passed.
 """
 import argparse
 import json
@@ -170,11 +170,12 @@ def run_stages(runs, compile_s, deadline, out, clock=time.time):
     """Run each (name, stage, command, run_dir) within its limit; a (name, status, seconds, limit) row for each."""
     predicted = [STAGES[stage][0] * compile_s + STAGES[stage][1] for _, stage, _, _ in runs]
     rows = []
-    for i, (name, _, cmd, run_dir) in enumerate(runs):
+    for i, (name, stage, cmd, run_dir) in enumerate(runs):
         limit = stage_limit(predicted[i:], deadline - clock())
         if limit is None:
+            others = ",".join(s for s in STAGES if s != stage)
             rows.append((name, f"not run: predicted {predicted[i]:.0f} s, {deadline - clock():.0f} s of the "
-                               f"{BUDGET_S} s left", None, None))
+                               f"{BUDGET_S} s left (check it alone: --skip {others})", None, None))
         else:
             if run_dir:  # no numbers of an earlier check in this out_dir
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)

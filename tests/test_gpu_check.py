@@ -120,7 +120,8 @@ def test_a_run_that_does_not_fit_is_reported_as_not_run(tmp_path, monkeypatch):
     rows = gpu_check.run_stages(fake_runs(tmp_path, skip=["tests"]), 60, 480, tmp_path, gpu.clock)
     assert [r[:2] for r in rows[:3]] == [("bench", "passed"), ("train dense", "passed"), ("train moe", "passed")]
     assert gpu.limits == {"bench": 340, "train dense": 140, "train moe": 150}
-    assert rows[3][:2] == ("train uoe", "not run: predicted 140 s, 20 s of the 480 s left") and rows[3][2] is None
+    assert rows[3][:2] == ("train uoe", "not run: predicted 140 s, 20 s of the 480 s left "
+                                        "(check it alone: --skip tests,bench)") and rows[3][2] is None
     assert gpu.now <= 480
 
 
