@@ -11,7 +11,11 @@ out_dir gets run.json (all settings), metrics.jsonl (one JSON record per log and
 ckpt.pt, written atomically every ckpt_interval steps, at the end and on SIGINT/SIGTERM. A fresh
 run refuses to replace an existing ckpt.pt unless --overwrite=True. On resume the checkpoint's
 model and training settings apply; options given on the command line override training settings,
-and a model option that differs from the checkpoint's is an error.
+and a model option that differs from the checkpoint's is an error. How to run (data_dir, out_dir, device,
+dtype, compile, expert_path, ...) is chosen anew by each command, never taken from the checkpoint; a model
+option that a checkpoint of an earlier version lacks takes its default, with a note.
+Devices: cuda (bfloat16, compiled by default), cpu (float32), mps (Apple silicon: float32, not compiled by
+default, experts on the loop path; untested).
 Exit codes: 0 finished; 2 bad input or a non-finite loss (one `error: ...` line, no checkpoint
 written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + signal number).
 DDP: each process takes its share of the gradient_accumulation_steps micro-steps (a multiple of
@@ -80,9 +84,9 @@ class TrainConfig:
     ckpt_interval: int | None = None    # save ckpt.pt every this many steps; None -> eval_interval
     plot: bool = True                   # draw figures into out_dir at the end (plot.py)
     # system
-    device: str = "auto"                # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
-    dtype: str = "auto"                 # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16', 'float32'
-    compile: bool | None = None         # torch.compile the model; None -> True on CUDA, False on CPU
+    device: str = "auto"                # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps' (Apple)
+    dtype: str = "auto"                 # 'auto' (bfloat16 autocast on CUDA, else float32), 'bfloat16', 'float32'
+    compile: bool | None = None         # torch.compile the model; None -> True on CUDA, False on CPU and MPS
     seed: int = 1337                    # seeds the weights and the training batches
     # robustness
     nonfinite: str = "stop"             # on a NaN/inf loss or gradient: 'stop' (exit 2) or 'skip' the update
@@ -91,12 +95,14 @@ class TrainConfig:
 
 
 # Model defaults and their --help text live in uoe.GPTConfig (one source of truth); train.py only
-# adds how it treats vocab_size.
-MODEL_HELP = {"vocab_size": "train.py takes it from the dataset's meta.json (GPT-2 BPE padded to a multiple "
-                            "of 64: 50304) unless set (larger only)"}
+# adds, after that text, how it treats a few of them.
+MODEL_HELP = {"vocab_size": "train.py takes it from the dataset's meta.json unless set (larger only)",
+              "expert_path": "chosen per run, not taken from the checkpoint on resume; 'grouped' with "
+                             "--compile=True needs bfloat16; mps runs 'loop' only"}
 # Options that describe this invocation, not the run: on resume they are not taken from the checkpoint.
+# expert_path is a GPTConfig field, but only says how the same model runs here, like device or dtype.
 PER_INVOCATION = {"data_dir", "out_dir", "init_from", "overwrite", "plot", "device", "dtype", "compile",
-                  "debug_nan_step"}
+                  "debug_nan_step", "expert_path"}
 TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
 
 
@@ -120,7 +126,9 @@ def option_table(classes=(TrainConfig, GPTConfig)):
     train.py's: every training and model option); the help is the field's `# comment`."""
     table = {}
     for cls in classes:
-        comments = field_comments(cls) | (MODEL_HELP if cls is GPTConfig else {})
+        comments = field_comments(cls)
+        if cls is GPTConfig:
+            comments |= {k: f"{comments[k]}; {note}" if comments.get(k) else note for k, note in MODEL_HELP.items()}
         for f in fields(cls):
             default = f.default
             names = re.findall(r"\b(int|float|str|bool|None)\b", str(f.type)) + \
@@ -266,9 +274,23 @@ def resolve_device(name, local_rank):
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         return device
+    if name == "mps":
+        return mps_device(local_rank)
     if name != "cpu":
-        raise UserError(f"unknown --device={name!r}; use auto, cpu or cuda[:N]")
+        raise UserError(f"unknown --device={name!r}; use auto, cpu, cuda[:N] or mps")
     return torch.device("cpu")
+
+
+def mps_device(local_rank=None):
+    """Apple silicon's GPU (train.py and sample.py), checked: a UserError where this torch or machine has no
+    MPS, or under torchrun (DDP here is nccl on CUDA or gloo on CPU; neither reduces MPS tensors)."""
+    if not torch.backends.mps.is_available():
+        raise UserError("--device=mps but MPS (the Apple silicon GPU) is not available on this machine or in this "
+                        "torch build; use --device=cpu")
+    if local_rank is not None:
+        raise UserError("--device=mps runs one process only (DDP needs cuda or cpu); use python train.py, "
+                        "not torchrun")
+    return torch.device("mps")
 
 
 def on_rank0(work, master, ddp):
@@ -285,6 +307,8 @@ def on_rank0(work, master, ddp):
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
+        if error is not None:   # rank 0 may exit only when every rank has the error: torchrun stops the others
+            dist.barrier()      # as soon as one exits, and a rank still receiving would never print it
     if error is not None:
         raise UserError(error)
 
@@ -313,25 +337,57 @@ def read_resume_checkpoint(path):
         ckpt = load_checkpoint(str(path), map_location="cpu")   # cpu: RNG states must be CPU tensors
     except CheckpointError as e:
         raise UserError(str(e)) from None
-    missing = [k for k in ("optimizer", "step", "train_config", "rng", "data") if k not in ckpt]
+    needed = ("optimizer", "step", "train_config", "rng", "data", "best_val_loss", "rng.torch", "data.batch_rng",
+              "data.tokens")
+    missing = [key for key in needed if not has_key(ckpt, key)]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint (no {missing[0]!r}); resume only from train.py's ckpt.pt")
     return ckpt
 
 
-def resume_options(ckpt, values, explicit, path):
+def has_key(tree, dotted):
+    """Whether nested dicts hold dotted ('data.tokens': tree['data']['tokens'])."""
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def resume_options(ckpt, values, explicit, path, master=True):
     """The checkpoint's model and training settings, overridden by the training options set on this
-    command line. A model option set here must agree with the checkpoint: anything else is another model."""
-    stored = ckpt["config"]
-    asked = make_model_config({**stored, **{k: values[k] for k in explicit if k in stored}})
-    for name, value in asdict(asked).items():
-        if value != stored[name]:
-            raise UserError(f"--{name}={values[name]!r} but {path} holds a model with {name}={stored[name]!r}; "
+    command line. A model option set here must agree with the checkpoint: anything else is another model.
+    Per-invocation options (PER_INVOCATION, expert_path among them) are this command line's, never the
+    checkpoint's: resuming a grouped run with --expert_path=loop is the same model."""
+    stored = stored_model(ckpt, path, master)
+    here = {f.name: values[f.name] for f in fields(GPTConfig)}   # expert_path: this command line's
+    asked = make_model_config({**here, **stored, **{k: values[k] for k in explicit if k in stored}})
+    for name, value in stored.items():
+        if getattr(asked, name) != value:
+            raise UserError(f"--{name}={values[name]!r} but {path} holds a model with {name}={value!r}; "
                             f"drop --{name} to resume it, or use another --out_dir for a new model")
     train_names = {f.name for f in fields(TrainConfig)}
     restored = {k: v for k, v in ckpt["train_config"].items()
                 if k in train_names and k not in explicit and k not in PER_INVOCATION}
     return {**values, **stored, **restored}
+
+
+def stored_model(ckpt, path, master):
+    """The model options stored in ckpt, all but the per-invocation ones. A checkpoint of an earlier version
+    may lack a model option added since: it takes its default (with a note on rank 0), as options are
+    added with the earlier behaviour as their default."""
+    stored = {k: v for k, v in ckpt["config"].items() if k not in PER_INVOCATION}
+    try:   # the defaults as GPTConfig completes them (d_low, n_routing: from the stored widths)
+        full = asdict(GPTConfig(**stored))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path} holds a model this uoe.py cannot build ({e}); resume it with the version "
+                        "that wrote it, or start a new run") from None
+    missing = {k: full[k] for k in full if k not in stored and k not in PER_INVOCATION}
+    if missing and master:
+        print(f"note: {path} was written by an earlier version without "
+              f"{', '.join(missing)}: resuming with the default{'s' if len(missing) > 1 else ''} "
+              f"{', '.join(f'{k}={v!r}' for k, v in missing.items())}", flush=True)
+    return {**stored, **missing}
 
 
 def open_dataset(train, master, ddp):
@@ -507,15 +563,24 @@ def request_stop(signum, frame):
           "(send it again to quit at once)", file=sys.stderr, flush=True)
 
 
-def expert_path(cfg, device, dtype):
+def expert_path(cfg, device, dtype, use_compile=False):
     """How a routed model's experts run here (uoe.resolve_expert_path): 'loop' or 'grouped'; None for dense.
-    Checked up front: an explicit 'grouped' the widths cannot take would otherwise fail in the first forward."""
+    Checked up front: an explicit 'grouped' that the widths, the compiler or the device cannot take would
+    otherwise fail in the first forward, after the model is built and the data read."""
     if cfg.ffn == "dense":
         return None
     try:
-        return resolve_expert_path(cfg, device, dtype)
+        path = resolve_expert_path(cfg, device, dtype)
     except ValueError as e:
         raise UserError(f"invalid model config: {e}") from None
+    if path == "grouped" and torch.device(device).type == "mps":
+        raise UserError("--expert_path=grouped does not run on mps (untested there); use --expert_path=loop "
+                        "or auto")
+    if path == "grouped" and use_compile and dtype != torch.bfloat16:   # torch's tracing rule: bfloat16 only
+        raise UserError(f"--expert_path=grouped with --compile=True needs bfloat16, and this run is "
+                        f"{str(dtype).removeprefix('torch.')}; use --dtype=bfloat16, --compile=False or "
+                        "--expert_path=loop")
+    return path
 
 
 def banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label):
@@ -535,29 +600,33 @@ def banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label):
 # -----------------------------------------------------------------------------
 # the run: every check before any work, then the model, optimizer and data stream (fresh or resumed)
 
-def check_run(values, explicit, world, master, ddp):
+def check_run(values, explicit, procs, device):
     """Find everything wrong with the options, out_dir, the checkpoint to resume and the data before any
-    training. Returns (train, cfg, ckpt or None, meta, splits, values with the checkpoint's settings)."""
+    training. Returns (train, cfg, ckpt or None, meta, splits, values with the checkpoint's settings, the
+    expert path: see expert_path)."""
+    master, ddp = procs.master, procs.ddp
     out_dir = Path(values["out_dir"])
     ckpt_path = out_dir / "ckpt.pt"
     on_rank0(lambda: prepare_out_dir(out_dir), master, ddp)
     ckpt = None
     if values["init_from"] == "resume":
         ckpt = read_resume_checkpoint(ckpt_path)
-        values = resume_options(ckpt, values, explicit, ckpt_path)
+        values = resume_options(ckpt, values, explicit, ckpt_path, master)
     elif values["init_from"] == "scratch" and ckpt_path.exists() and not values["overwrite"]:
         raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, replace it with "
                         "--overwrite=True, or choose another --out_dir")
     train, model_values = split_options(values)
-    check_train_config(train, world)
+    check_train_config(train, procs.world)
     cfg = make_model_config(model_values)       # validated before the (maybe slow) data preparation
+    use_compile, _, _, dtype = precision(train, device)
+    path = expert_path(cfg, device, dtype, use_compile)   # likewise
     meta, splits = open_dataset(train, master, ddp)
     cfg = fit_vocab(cfg, meta, explicit, ckpt, Path(train.data_dir) / train.dataset)
     for split, data in splits.items():
         if len(data) <= cfg.block_size:
             raise UserError(f"block_size {cfg.block_size} is longer than the {split} split ({len(data)} tokens); "
                             f"use --block_size={len(data) - 1} or less, or more data")
-    return train, cfg, ckpt, meta, splits, values
+    return train, cfg, ckpt, meta, splits, values, path
 
 
 def build(cfg, train, ckpt, device, rank):
@@ -755,7 +824,7 @@ def main(argv):
     values, explicit = parse_args(argv)
     procs, device = start_process(values["device"])
     master = procs.master
-    train, cfg, ckpt, meta, splits, values = check_run(values, explicit, procs.world, master, procs.ddp)
+    train, cfg, ckpt, meta, splits, values, path = check_run(values, explicit, procs, device)
     out_dir, ckpt_path = Path(train.out_dir), Path(train.out_dir) / "ckpt.pt"
     raw_model, optimizer, batch_rng, (step, tokens, best_val) = build(cfg, train, ckpt, device, procs.rank)
     del ckpt                                    # free the memory of a second copy of the weights
@@ -763,7 +832,6 @@ def main(argv):
     compiled = torch.compile(raw_model) if use_compile else raw_model
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if procs.ddp else compiled
     peak, peak_label = mfu_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else (None, "")
-    path = expert_path(cfg, device, dtype)
     # batches: the training stream from batch_rng, fixed eval batches from EVAL_SEED
     tokens_per_step = train.gradient_accumulation_steps * train.batch_size * cfg.block_size
     eval_starts = fixed_eval_batches(splits, train, cfg.block_size)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from conftest import ENV, REPO, TINY, losses, run_train, start_train, wait_for_step
 from uoe import load_checkpoint
 
@@ -83,6 +84,15 @@ def set_meta(folder, **changes):
     (folder / "meta.json").write_text(json.dumps({**meta, **changes}))
 
 
+def edit_ckpt(change):
+    """A change(ckpt dict) applied to the checkpoint file at path (saved back as train.py saves)."""
+    def apply(path):
+        ckpt = load_checkpoint(path)
+        change(ckpt)
+        torch.save(ckpt, path)
+    return apply
+
+
 def code_pickle(path):
     """Replace path by a 'checkpoint' whose unpickling would run os.mkdir(<case folder>/pwned)."""
     class Exploit:
@@ -104,6 +114,9 @@ BAD_INPUTS = [
     ("bad_type", "--max_iters expects int", lambda ws: ["--max_iters=1.5"]),
     ("bad_choice", "--nonfinite must be", lambda ws: ["--nonfinite=ignore"]),
     ("cuda_without_cuda", "CUDA is not available", lambda ws: ["--device=cuda"]),
+    ("mps_without_mps", "--device=mps but MPS", lambda ws: ["--device=mps"]),
+    ("grouped_compiled_float32", "--expert_path=grouped with --compile=True needs bfloat16",
+     lambda ws: ["--expert_path=grouped", "--compile=True"]),     # torch's grouped_mm tracing: bfloat16 only
     ("out_dir_under_a_file", "cannot write to out_dir", lambda ws: ws.out_dir_under_a_file()),
     ("resume_without_checkpoint", "no checkpoint at", lambda ws: ["--init_from=resume"]),
     ("resume_random_bytes", "corrupt or truncated",
@@ -114,6 +127,10 @@ BAD_INPUTS = [
     ("resume_other_vocab", "vocab_size",
      lambda ws: ws.with_ckpt() + ["--init_from=resume", *ws.data_copy(lambda d: set_meta(d, vocab_size=50))]),
     ("resume_code_pickle", "refusing to load", lambda ws: ws.with_ckpt(code_pickle) + ["--init_from=resume"]),
+    ("resume_without_rng_state", "not a train.py checkpoint (no 'data.batch_rng')",
+     lambda ws: ws.with_ckpt(edit_ckpt(lambda c: c["data"].pop("batch_rng"))) + ["--init_from=resume"]),
+    ("resume_unbuildable_model", "holds a model this uoe.py cannot build",
+     lambda ws: ws.with_ckpt(edit_ckpt(lambda c: c["config"].update(top_k=99))) + ["--init_from=resume"]),
     ("fresh_run_over_a_checkpoint", "already exists", lambda ws: ws.with_ckpt()),
     ("nonfinite_skip_limit", "non-finite loss or gradient at step 2",
      lambda ws: ["--nonfinite=skip", "--max_skips=1", "--debug_nan_step=2"]),
@@ -165,6 +182,8 @@ def bad_input_results(data, trained, tmp_path_factory):
 def test_bad_input_exits_2_with_one_line_and_changes_no_checkpoint(bad_input_results, case_id, message):
     if case_id == "cuda_without_cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
+    if case_id == "mps_without_mps" and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
     code, stderr, ws, before, after = bad_input_results[case_id]
     assert code == 2, stderr
     assert "Traceback" not in stderr
@@ -173,6 +192,51 @@ def test_bad_input_exits_2_with_one_line_and_changes_no_checkpoint(bad_input_res
     assert message in lines[0]
     assert before == after                      # an existing checkpoint is never overwritten on error
     assert not (ws.root / "pwned").exists()     # the pickled code never ran
+    if case_id in ("grouped_compiled_float32", "grouped_experts_misaligned"):
+        assert not (ws.out / "run.json").exists()   # refused before any work: no model, no data, no log
+
+
+# -----------------------------------------------------------------------------
+# Resuming: checkpoints of earlier versions, and options that are per run (expert_path)
+
+def train_here(capsys, *args):
+    """train.py's main(args) in this process (no interpreter start): (exit code, stdout). A UserError
+    propagates."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = train.main(["--device=cpu", "--plot=False", *map(str, args)])
+    finally:
+        for s, handler in handlers.items():     # main installs its own
+            signal.signal(s, handler)
+    return code, capsys.readouterr().out
+
+
+def test_checkpoint_of_an_earlier_version_resumes_with_the_defaults_of_its_missing_fields(data, trained,
+                                                                                         tmp_path, capsys):
+    out = tmp_path / "out"
+    Workspace(tmp_path, data, trained).with_ckpt(edit_ckpt(
+        lambda c: [c["config"].pop(k) for k in ("expert_path", "z_loss_coef")]))   # as before those existed
+    code, stdout = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=3")
+    assert code == 0
+    notes = [line for line in stdout.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {out / 'ckpt.pt'} was written by an earlier version without z_loss_coef: "
+                     "resuming with the default z_loss_coef=0.0"]     # expert_path is per run: nothing to note
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 3 and (ckpt["config"]["z_loss_coef"], ckpt["config"]["expert_path"]) == (0.0, "auto")
+
+
+def test_expert_path_is_chosen_per_run_not_taken_from_the_checkpoint(data, trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    Workspace(tmp_path, data, trained).with_ckpt(edit_ckpt(lambda c: c["config"].update(expert_path="grouped")))
+    code, stdout = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
+                              "--max_iters=3", "--expert_path=loop")
+    assert code == 0 and "(experts: loop)" in stdout.splitlines()[0] and "resuming at step 2" in stdout
+    assert load_checkpoint(out / "ckpt.pt")["config"]["expert_path"] == "loop"
+    code, stdout = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
+                              "--max_iters=4", "--expert_path=grouped")
+    assert code == 0 and "(experts: grouped GEMM)" in stdout.splitlines()[0]
+    code, stdout = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=5")
+    assert code == 0 and "(experts: loop)" in stdout.splitlines()[0]   # not given: 'auto' (loop on CPU)
 
 
 # -----------------------------------------------------------------------------
@@ -210,7 +274,8 @@ def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint_and_resume_loses_on
         ckpt = assert_loadable_and_finite(out / "ckpt.pt")
         assert max(losses(out, cut_ok=True)) - ckpt["step"] <= 1         # at most the steps since the last save
         resume = ["--init_from=resume"]
-    code, stdout, stderr = run(f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=20")
+    code, stdout, stderr = run(f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=20",
+                               "--plot=False")
     assert code == 0, stderr
     assert reference.wait() == 0
     ref, got = losses(tmp_path / "ref"), losses(out, cut_ok=True)

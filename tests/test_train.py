@@ -78,7 +78,7 @@ def test_options_given_on_resume_reach_the_optimizer(data, tmp_path):
     out = tmp_path / "out"
     run_train(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
     run_train(f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--weight_decay=0",
-              "--beta2=0.95")
+              "--beta2=0.95", "--plot=False")
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert [(g["weight_decay"], tuple(g["betas"])) for g in ckpt["optimizer"]["param_groups"]] == \
         [(0.0, (0.9, 0.95))] * 2
@@ -107,7 +107,7 @@ def test_sigkill_then_resume_continues_and_reproduces_the_uninterrupted_run(data
     ckpt_step = load_checkpoint(killed / "ckpt.pt")["step"]
     assert ckpt_step >= 8 and ckpt_step % 4 == 0
 
-    p = run_train(f"--data_dir={data}", f"--out_dir={killed}", "--init_from=resume", "--max_iters=24")
+    p = run_train(f"--data_dir={data}", f"--out_dir={killed}", "--init_from=resume", "--max_iters=24", "--plot=False")
     assert f"resuming at step {ckpt_step}" in p.stdout
     steps = [r["step"] for r in records(killed)]
     assert steps == list(range(1, 25))                 # continued, and the log reads as one run
@@ -153,6 +153,28 @@ def test_a_rank_without_its_own_gpu_is_a_one_line_error(monkeypatch):
         train.resolve_device("cuda:3", local_rank=None)
 
 
+def test_mps_runs_float32_eager_on_the_loop_path_and_is_a_one_line_error_without_mps(monkeypatch):
+    """Apple silicon cannot run here: the options are resolved with MPS pretended, without a step."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    values, _ = train.parse_args(["--device=mps"])
+    device = train.resolve_device(values["device"], local_rank=None)
+    tc, model = train.split_options(values)
+    use_compile, use_bf16, _, dtype = train.precision(tc, device)
+    assert (device, use_compile, use_bf16, dtype) == (torch.device("mps"), False, False, torch.float32)
+    assert train.expert_path(train.make_model_config(model), device, dtype, use_compile) == "loop"
+    tc, _ = train.split_options(train.parse_args(["--device=mps", "--compile=True"])[0])
+    assert train.precision(tc, device)[0] is True                       # compile: off by default only
+    with pytest.raises(train.UserError, match="--expert_path=grouped does not run on mps .*; use --expert_path=loop"):
+        train.expert_path(train.GPTConfig(expert_path="grouped"), device, dtype)
+    with pytest.raises(train.UserError, match="--device=mps runs one process only"):
+        train.resolve_device("mps", local_rank=0)                       # under torchrun
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(train.UserError, match=r"^--device=mps but MPS .* not available .*; use --device=cpu$"):
+        train.resolve_device("mps", local_rank=None)
+    with pytest.raises(train.UserError, match=r"use auto, cpu, cuda\[:N\] or mps"):
+        train.resolve_device("metal", local_rank=None)
+
+
 def test_help_lists_every_training_and_model_option(capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])
@@ -161,6 +183,8 @@ def test_help_lists_every_training_and_model_option(capsys):
     for name in train.option_table():
         assert f"--{name}=" in text
     assert "--ffn='uoe'" in text and "--max_iters=" in text
+    device_help = next(line for line in text.splitlines() if line.lstrip().startswith("--device="))
+    assert "'mps'" in device_help
 
 
 def test_unknown_option_suggests_the_nearest_valid_ones():
