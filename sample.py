@@ -8,6 +8,8 @@ Options are train.py's: --key=value (Python literals; strings may be bare), a bo
 --start is the prompt text, or FILE:path to read it from a file. The same --seed gives the same text.
 Only the dataset's own token ids are sampled (train.py pads GPT-2 BPE's 50257 to 50304; those extra ids
 would not decode).
+The model runs in float32 on --device; its routed experts take the path that expert_path='auto' picks
+there (a checkpoint's own expert_path, e.g. 'grouped' on the GPU it was trained on, is not inherited).
 
 --show_routing marks every token, prompt included, with the expert that has the highest routing score for
 it in layer --routing_layer (default -1: the last): the model's own decision for the token with the context it
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 import uoe
-from train import UserError, help_text, option_table, parse_options
+from train import UserError, help_text, mps_device, option_table, parse_options
 
 
 @dataclass
@@ -38,7 +40,7 @@ class SampleConfig:
     temperature: float = 0.8       # < 1 sharper, > 1 more random
     top_k: int | None = 200        # sample among the top_k most likely tokens (None: all)
     seed: int = 1337               # the same seed gives the same text
-    device: str = "cpu"            # cpu, cuda, cuda:1, mps ...
+    device: str = "cpu"            # cpu, cuda, cuda:1, mps (Apple silicon, untested) ...
     show_routing: bool = False     # mark every token with the expert that routed it
     routing_layer: int = -1        # the layer whose routing is shown (-1: the last)
     routing_html: str = ""         # write the routed samples to this HTML file
@@ -154,15 +156,26 @@ def main(argv=None):
         sys.exit(2)
 
 
-def sample(o):
+def usable_device(name):
+    """The torch device --device names, checked here (mps: train.py's check, with its one-line error)."""
+    if name == "mps":
+        return mps_device()
     try:
-        device = torch.device(o["device"])
+        device = torch.device(name)
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"device {o['device']!r} is not usable here ({why}); try --device=cpu") from None
+        raise UserError(f"device {name!r} is not usable here ({why}); try --device=cpu") from None
+    return device
+
+
+def sample(o):
+    device = usable_device(o["device"])
     ckpt = uoe.load_checkpoint(os.path.join(o["out_dir"], "ckpt.pt"), map_location=device)
-    model = uoe.model_from_checkpoint(ckpt).to(device).eval()
+    # the checkpoint's expert_path says how the model ran where it was trained (maybe 'grouped' on a GPU):
+    # here 'auto' picks the path this device and torch can run (the same model: both paths compute it)
+    model = uoe.model_from_checkpoint({**ckpt, "config": {**ckpt["config"], "expert_path": "auto"}})
+    model = model.to(device).eval()
     meta = run_meta(o["out_dir"], ckpt)
     encode, decode = tokenizer(meta)
     start = o["start"]

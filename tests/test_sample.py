@@ -214,6 +214,27 @@ def test_user_errors_end_in_one_line_and_exit_2(tmp_path, capsys, make, extra, m
     assert captured.out == ""
 
 
+def test_mps_device_is_checked_with_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """Apple silicon cannot run here: the check with MPS pretended, and the error where there is none."""
+    out = write_run(tmp_path / "out")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--out_dir={out}", "--device=mps"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --device=mps but MPS") and err.rstrip().endswith("use --device=cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert sample.usable_device("mps") == torch.device("mps")
+
+
+def test_a_grouped_checkpoint_samples_where_the_grouped_path_cannot_run(tmp_path, capsys, monkeypatch):
+    """expert_path says how a model ran where it was trained: sample.py picks its own ('auto')."""
+    out = write_run(tmp_path / "out", expert_path="grouped")
+    monkeypatch.setattr(uoe, "GROUPED_MM", None)                  # a torch without grouped_mm
+    sample.main([f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=4", "--show_routing"])
+    assert len(samples(capsys.readouterr().out)) == 1
+
+
 def test_help_lists_every_option_in_train_py_s_dialect(capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--help"])
