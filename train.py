@@ -15,7 +15,7 @@ and a model option that differs from the checkpoint's is an error. How to run (d
 dtype, compile, expert_path, ...) is chosen anew by each command, never taken from the checkpoint; a model
 option that a checkpoint of an earlier version lacks takes its default, with a note.
 Devices: cuda (bfloat16, compiled by default), cpu (float32), mps (Apple silicon: float32, not compiled by
-default, experts on the loop path; untested).
+default, experts on the loop path, one process; untested: no Apple machine here).
 Exit codes: 0 finished; 2 bad input or a non-finite loss (one `error: ...` line, no checkpoint
 written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + signal number).
 DDP: each process takes its share of the gradient_accumulation_steps micro-steps (a multiple of
