@@ -1,24 +1,20 @@
 """
-Dense, MoE, AoE and UoE side by side: speed and memory of a training step; and a study of quality
-at matched active FLOPs, the paper's UoE ablations and load balance, every run made by train.py.
+Dense, MoE, AoE and UoE side by side: the speed and memory of a training step.
 
     python bench.py speed                  # step time, tokens/s, peak memory, FLOP/s; eager and compiled
     python bench.py speed --preset gpu     # GPT-2-small-like (12 x 768, block 1024), bf16, one GPU
-    python bench.py quality                # dense, moe, moe+shared, uoe: lr sweep, seeds, paired differences
-    python bench.py ablate                 # UoE without VSE, output twice, other scores / norms / n_routing
-    python bench.py balance                # expert load of moe and uoe without (and with) the aux loss
-    python bench.py quality --help         # sizes, what the cpu defaults cost, the gpu preset
+    python bench.py speed --help           # sizes and options
 
+The quality study (quality, ablate, balance) is study.py; `python bench.py quality ...` runs it too.
 The size flags describe the UoE model; every other variant gets the expert_hidden D that
-uoe.match_config picks to match its active FLOPs per token. Outputs go to --out_dir (default
-bench_out/, not committed): bench_<command>.json, quality_curves.png, balance.png, and runs/, one
-folder per train.py run of the study (train.log, metrics.jsonl, run.json, result.json).
+uoe.match_config picks to match its active FLOPs per token. The result goes to
+OUT_DIR/bench_speed.json (default bench_out/, not committed).
 
 How speed is measured (the machine may be shared, so every number is a median, and variants are
 compared within one run): on CPU all models are built first, warmed up, then timed step by step
 with the variants interleaved in every repetition, so a burst of load hits them all alike; on CUDA
 one variant's models (eager, compiled) at a time, freed before the next.
-- step: forward + backward + AdamW step, on random tokens.
+- step: forward + backward + clip + AdamW step (train.py's optimizer and its defaults), random tokens.
 - FLOP/s: 3 * uoe.flops_per_token * tokens / step time (the model's matmul FLOPs; a training
   step is ~3x the forward). On CUDA, MFU = FLOP/s / the GPU's peak from train.mfu_peak; on CPU,
   the fraction of the rate of a 1024x1024 float32 matmul timed in the same repetitions.
@@ -33,8 +29,6 @@ one variant's models (eager, compiled) at a time, freed before the next.
   of the FFN's FLOPs.
 """
 import argparse
-import hashlib
-import inspect
 import json
 import math
 import os
@@ -50,12 +44,13 @@ from pathlib import Path
 import torch
 
 import uoe
-from train import UserError, mfu_peak   # the project's one UserError; the one table of GPU peaks for MFU
+from train import TrainConfig, UserError, make_optimizer, mfu_peak   # train.py's recipe, UserError, GPU peaks
 from uoe import FFN_VARIANTS, GPT, GPTConfig, flops_breakdown, flops_per_token, match_config, param_counts
 
 REPO = Path(__file__).resolve().parent
+STUDY_COMMANDS = ("quality", "ablate", "balance")     # study.py's, run from here too
 
-# Defaults per preset and command; a flag given on the command line wins. CPU runs use one thread
+# Defaults per preset; a flag given on the command line wins. CPU runs use one thread
 # unless told otherwise: on a machine shared with other jobs, an op split over 2 threads waits for
 # the second one to get a core, and every matmul then took >= 7 ms here (1 thread: 189 GFLOP/s
 # on 1024^2; 2 threads on a loaded 2-core machine: 6-110 GFLOP/s).
@@ -68,6 +63,8 @@ PRESETS = {
                 n_expert=8, top_k=2, expert_hidden=1024, dtype="bfloat16", compile="both", reps=20, warmup=3,
                 multiple_of=64),
 }
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):           # argparse's own errors, one line, same convention
         raise UserError(f"{message}; see python {self.prog} --help")
@@ -102,54 +99,6 @@ def variant_list(s, allowed=FFN_VARIANTS):
     return list(dict.fromkeys(names))
 
 
-def study_variant_list(s):
-    return variant_list(s, tuple(STUDY_VARIANTS))
-
-
-def ablation_list(s):
-    return variant_list(s, tuple(ABLATIONS))
-
-
-def float_list(s):
-    try:
-        vals = [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of numbers") from None
-    if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"{s!r} must be numbers >= 0")
-    return list(dict.fromkeys(vals))
-
-
-def positive_float_list(s):
-    vals = float_list(s)
-    if any(v == 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"{s!r} must be positive numbers")
-    return vals
-
-
-HELP = {
-    "speed": "time a training step of each variant (eager and compiled)",
-    "quality": "val loss of dense, MoE, MoE + shared expert and UoE at matched active FLOPs: a learning-rate "
-               "sweep on seed 0, then every seed at each variant's best lr; paired differences ± SE. "
-               "CPU defaults: 24 train.py runs (4 lrs x 4 variants, then 2 more seeds each), an estimated 30 min "
-               "on 2 idle cores",
-    "ablate": "the paper's UoE ablations (no VSE, output twice, score pre/swiglu, norm 1/inf, n_routing halved/"
-              "doubled) at UoE's best lr from quality; CPU defaults: 27 runs (the 3 full-UoE ones are quality's "
-              "when it ran first), an estimated 30 min on 2 idle cores",
-    "balance": "expert load of UoE and MoE without the load-balancing loss (and with it, for reference); CPU "
-               "defaults: 12 runs (6 are quality's when it ran first), an estimated 15 min on 2 idle cores",
-}
-STUDY_EPILOG = """Every run is `python train.py --key=value ...` (the same recipe as a run you start yourself),
-run in a subprocess with its own folder under OUT_DIR/runs/ and its result written there as soon as
-it finishes: interrupt at any time (Ctrl-C) and rerun the same command to continue; finished runs are
-skipped. Seeds are paired across variants: seed s gives every variant the same batches in the same
-order, the same evaluation batches, and the same initial embeddings and first attention layer.
-The cpu preset (2 x 64, E=8, K=2, UoE D=128, block 128, batch 16, 500 steps = 1.0M tokens of
-pystdlib_char, a tenth of an epoch; warmup 100; 2 runs at a time on 1 thread each) trades model size
-and run length for seeds and a learning-rate sweep. The gpu preset (8 x 512, block 512, batch 16,
-1500 steps = 12.3M tokens, 2.4 epochs of pystdlib's 5.1M GPT-2 BPE tokens in Python 3.11; bf16,
-compiled, widths multiples of 64) runs one model at a time: a few GB of GPU memory."""
-
 SPEED_EPILOG = """The cpu preset (4 x 128, block 128, batch 16, float32, 1 thread) times all eight models (four
 variants, eager and compiled) interleaved: a few minutes on 2 cores. The gpu preset (12 x 768, block
 1024, batch 8, bf16 autocast, widths multiples of 64) builds one variant's two models at a time and
@@ -157,84 +106,46 @@ frees them before the next: the largest, MoE (D=1408, 379M parameters), holds 2 
 weights, gradients and AdamW state, plus one step's activations (an estimate: about 20 GiB in all;
 on a 24 GB card use --batch_size 4)."""
 
+
 def build_parser():
-    p = Parser(prog="bench.py", description=__doc__.split("\n\n")[0].strip())
-    sub = p.add_subparsers(dest="command", metavar="{speed,quality,ablate,balance}", parser_class=Parser)
-    for name in ("speed",) + STUDY_COMMANDS:
-        study = name != "speed"
-        s = sub.add_parser(name, help=HELP[name], description=HELP[name],
-                           epilog=STUDY_EPILOG if study else SPEED_EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        s.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
-                       help="default sizes: cpu (2 cores) or gpu (one GPU, bf16, compile)")
-        if name == "speed":
-            s.add_argument("--variants", type=variant_list, default=list(FFN_VARIANTS), help="comma-separated")
-        elif name == "quality":
-            s.add_argument("--variants", type=study_variant_list, default=["dense", "moe", "moe+shared", "uoe"],
-                           help=f"comma-separated, of {','.join(STUDY_VARIANTS)} (default dense,moe,moe+shared,uoe)")
-        elif name == "balance":
-            s.add_argument("--variants", type=variant_list, default=["moe", "uoe"], help="default moe,uoe")
-        else:
-            s.add_argument("--ablations", type=ablation_list, default=list(ABLATIONS),
-                           help=f"comma-separated, of {','.join(ABLATIONS)} (default all)")
-        for k in MODEL_KEYS + ("batch_size",):
-            if study and k == "vocab_size":
-                continue          # the dataset decides
-            s.add_argument(f"--{k}", type=positive_int, help="of UoE; the others' D is matched on FLOPs"
-                           if k == "expert_hidden" else None)
-        s.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16 = autocast (CUDA)")
-        s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        s.add_argument("--out_dir", default="bench_out")
-        s.add_argument("--json", help=f"output JSON (default OUT_DIR/bench_{name}.json)")
-        if name == "speed":
-            s.add_argument("--compile", choices=("eager", "compile", "both"))
-            s.add_argument("--threads", type=positive_int,
-                           help="CPU threads (torch.set_num_threads); the cpu preset uses 1")
-            s.add_argument("--reps", type=positive_int, help="timed steps per variant (interleaved)")
-            s.add_argument("--warmup", type=positive_int, help="untimed steps first (compiles)")
-            s.add_argument("--memory", choices=("on", "off"), default="on", help="peak-memory measurement")
-            s.add_argument("--peak_tflops", type=positive_float,
-                           help="GPU peak (TFLOP/s) for MFU; default: train.py's table (bf16)")
-            s.add_argument("--multiple_of", type=positive_int, help="round the matched widths D to a multiple of "
-                           "this (gpu preset: 64, aligned bf16 GEMMs; the FLOP mismatch left is a table column)")
-            s.add_argument("--seed", type=int, default=0)
-            continue
-        s.add_argument("--compile", choices=("eager", "compile"), help="train.py --compile (cpu: eager)")
-        s.add_argument("--threads", type=positive_int, help="threads per run (OMP_NUM_THREADS; cpu preset: 1)")
-        s.add_argument("--jobs", type=positive_int, help="runs at a time (cpu preset: 2, gpu: 1)")
-        s.add_argument("--steps", type=positive_int, help="optimizer steps per run")
-        s.add_argument("--warmup_steps", type=int, help="linear warmup steps, then cosine to lr/10")
-        s.add_argument("--seeds", type=positive_int, help="number of seeds (0, 1, ...)")
-        if name == "quality":
-            s.add_argument("--lrs", type=positive_float_list,
-                           help="learning rates of the sweep (seed 0), comma-separated")
-        else:
-            s.add_argument("--lr", type=positive_float, help="peak learning rate (default: the best of bench.py "
-                           "quality from OUT_DIR/bench_quality.json if it used the same recipe, else the preset's)")
-        if name == "balance":
-            s.add_argument("--aux", type=float_list, default=[0.0, 0.01],
-                           help="aux_loss_coef values (default 0,0.01: without and with the balance loss)")
-        s.add_argument("--eval_interval", type=positive_int)
-        s.add_argument("--eval_iters", type=positive_int)
-        s.add_argument("--log_interval", type=positive_int, help="routing statistics every this many steps")
-        s.add_argument("--dataset", help="data/<name> (pystdlib_char and pystdlib are prepared if missing)")
-        s.add_argument("--data_dir", default=str(REPO / "data"))
-        s.add_argument("--multiple_of", type=positive_int, help="round matched widths to a multiple of this")
-        s.add_argument("--plot", choices=("on", "off"), default="on")
-    return p
+    top = Parser(prog="bench.py", description=__doc__.split("\n\n")[0].strip())
+    sub = top.add_subparsers(dest="command", metavar="{speed,quality,ablate,balance}", parser_class=Parser)
+    p = sub.add_parser("speed", help="time a training step of each variant (eager and compiled)",
+                       description=__doc__.split("\n\n")[0].strip(), epilog=SPEED_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in STUDY_COMMANDS:                  # main() hands these to study.py before parsing
+        sub.add_parser(name, help=f"the study: python study.py {name} --help", add_help=False)
+    p.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
+                   help="default sizes: cpu (2 cores) or gpu (one GPU, bf16, compile)")
+    p.add_argument("--variants", type=variant_list, default=list(FFN_VARIANTS), help="comma-separated")
+    for k in MODEL_KEYS + ("batch_size",):
+        p.add_argument(f"--{k}", type=positive_int, help="of UoE; the others' D is matched on FLOPs"
+                       if k == "expert_hidden" else None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16 = autocast (CUDA)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out_dir", default="bench_out")
+    p.add_argument("--json", help="output JSON (default OUT_DIR/bench_speed.json)")
+    p.add_argument("--compile", choices=("eager", "compile", "both"))
+    p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads); the cpu preset uses 1")
+    p.add_argument("--reps", type=positive_int, help="timed steps per variant (interleaved)")
+    p.add_argument("--warmup", type=positive_int, help="untimed steps first (compiles)")
+    p.add_argument("--memory", choices=("on", "off"), default="on", help="peak-memory measurement")
+    p.add_argument("--peak_tflops", type=positive_float,
+                   help="GPU peak (TFLOP/s) for MFU; default: train.py's table (bf16)")
+    p.add_argument("--multiple_of", type=positive_int, help="round the matched widths D to a multiple of "
+                   "this (gpu preset: 64, aligned bf16 GEMMs; the FLOP mismatch left is a table column)")
+    p.add_argument("--seed", type=int, default=0)
+    return top
 
 
 def parse_args(argv):
-    """Parsed options with preset defaults filled in; raises UserError on bad input."""
+    """Parsed options of `bench.py speed ...` with preset defaults filled in; raises UserError on bad input."""
     args = build_parser().parse_args(argv)
     if args.command is None:
-        raise UserError("no command; run python bench.py speed, quality, ablate or balance")
-    preset = (PRESETS if args.command == "speed" else STUDY_PRESETS)[args.preset]
-    for k, v in preset.items():
-        if hasattr(args, k) and getattr(args, k) is None:
+        raise UserError("no command; run python bench.py speed (or python study.py quality, ablate, balance)")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.command != "speed" and args.warmup_steps < 0:
-        raise UserError("--warmup_steps must be >= 0")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -244,7 +155,7 @@ def parse_args(argv):
     if args.dtype == "bfloat16" and args.device != "cuda":
         raise UserError("--dtype bfloat16 (autocast) is for CUDA here; use --dtype float32 on CPU")
     if args.json is None:
-        args.json = str(Path(args.out_dir) / f"bench_{args.command}.json")
+        args.json = str(Path(args.out_dir) / "bench_speed.json")
     try:   # fail now, not after minutes of benchmarking
         for folder in {Path(args.out_dir), Path(args.json).parent}:
             folder.mkdir(parents=True, exist_ok=True)
@@ -275,11 +186,6 @@ def utilization(achieved, reference):
     return achieved / reference if reference else None
 
 
-def mean_std(xs):
-    """Mean and sample standard deviation (0.0 for one value)."""
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
 # -----------------------------------------------------------------------------
 # models
 
@@ -301,10 +207,7 @@ def setup_torch(args):
     # bench compiles several models whose modules share code objects (Block.forward, ...) in one
     # process: each model adds cache entries, so the default limit (8) would silently fall back
     # to eager for the later ones.
-    import torch._dynamo.config as dynamo_config
-    for name in ("recompile_limit", "cache_size_limit"):      # newer, older name
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, 64)
+    torch._dynamo.config.recompile_limit = 64
 
 
 def compile_blocks(model):
@@ -329,20 +232,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def make_optimizer(model, lr=1e-3, weight_decay=0.1):
-    """AdamW, weight decay on matrices only (nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=bool(params) and params[0].is_cuda)
+RECIPE = TrainConfig()      # the optimizer, its settings and the gradient clip of a default train.py run
 
 
-def train_step(model, opt, x, y, ctx, grad_clip=1.0):
+def optimizer(model):
+    return make_optimizer(model, RECIPE, next(model.parameters()).device)
+
+
+def train_step(model, opt, x, y, ctx):
+    """One training step as train.py takes it: forward, backward, clip, AdamW step."""
     with ctx:
         _, loss = model(x, y)
     loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if RECIPE.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -374,7 +277,7 @@ class Run:
         torch.manual_seed(args.seed)
         self.variant, self.mode, self.config = variant, mode, config
         self.model = GPT(config).to(args.device)
-        self.opt = make_optimizer(self.model)
+        self.opt = optimizer(self.model)
         if mode == "compile":
             compile_blocks(self.model)
         self.times, self.graphs_per_warmup_step, self.graph_breaks = [], [], 0
@@ -505,7 +408,7 @@ def memory_probe(spec):
     micro = GPTConfig(ffn=cfg.ffn, vocab_size=cfg.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8,
                       n_expert=cfg.n_expert, top_k=cfg.top_k, expert_hidden=max(16, 2 * cfg.n_expert))
     model = GPT(micro)
-    train_step(model, make_optimizer(model), torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long),
+    train_step(model, optimizer(model), torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long),
                nullcontext())
     del model
     base = rss_mb("VmRSS")
@@ -514,7 +417,7 @@ def memory_probe(spec):
     except OSError:
         base = rss_mb("VmHWM")                                  # no reset: can under-report
     model = GPT(cfg)
-    opt = make_optimizer(model)
+    opt = optimizer(model)
     x = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.block_size))
     for _ in range(2):
         train_step(model, opt, x, x, nullcontext())
@@ -563,8 +466,7 @@ def bench_speed(args):
     y = torch.randint(0, base.vocab_size, (args.batch_size, base.block_size), generator=gen).to(dev)
     device_name = torch.cuda.get_device_name() if dev == "cuda" else cpu_name()
     mm_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    paths = {v: uoe.resolve_expert_path(c, dev, mm_dtype) if hasattr(uoe, "resolve_expert_path") else "loop"
-             for v, c in configs.items()}
+    paths = {v: uoe.resolve_expert_path(c, dev, mm_dtype) for v, c in configs.items()}
     print(f"# bench.py speed on {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{dev} {args.dtype}, batch {args.batch_size} x {base.block_size} tokens; expert path: "
           + ", ".join(f"{v} {p}" for v, p in paths.items() if v != "dense"), flush=True)
@@ -757,602 +659,12 @@ def write_json(path, obj, quiet=False):
 
 
 # -----------------------------------------------------------------------------
-# the study: quality, ablate, balance. Every run is `python train.py --key=value ...` in a
-# subprocess, into its own folder OUT_DIR/runs/<label>-lr<lr>-s<seed>-<hash of its options>/,
-# whose result.json (written atomically when the run has finished) makes a rerun skip it.
 
-# the variants of `quality`: name -> GPTConfig fields (expert_hidden is then matched on FLOPs)
-STUDY_VARIANTS = {"dense": dict(ffn="dense"), "moe": dict(ffn="moe"), "moe+shared": dict(ffn="moe", n_shared=1),
-                  "aoe": dict(ffn="aoe"), "uoe": dict(ffn="uoe")}
-# the paired differences reported, first minus second, where both variants ran
-COMPARISONS = (("uoe", "moe"), ("moe", "dense"), ("uoe", "moe+shared"), ("uoe", "dense"), ("uoe", "aoe"),
-               ("moe+shared", "moe"))
-# the paper's ablations of UoE (Table 4), as GPTConfig changes of the full UoE; n_routing is scaled
-ABLATIONS = {"uoe": {}, "no_vse": dict(vse=False), "output_twice": dict(uoe_output="twice"),
-             "score_pre": dict(route_score="pre"), "score_swiglu": dict(route_score="swiglu"),
-             "norm_1": dict(route_norm=1), "norm_inf": dict(route_norm="inf"),
-             "n_routing_half": dict(n_routing=0.5), "n_routing_double": dict(n_routing=2.0)}
-
-# CPU: sized so that each command's defaults finish in about 30 minutes on 2 cores, two runs at a
-# time on one thread each (see README "Does UoE beat MoE here?"). GPU: one run at a time.
-STUDY_PRESETS = {
-    "cpu": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, batch_size=16, n_expert=8, top_k=2,
-                expert_hidden=128, steps=500, warmup_steps=100, eval_interval=100, eval_iters=8, log_interval=20,
-                seeds=3, lrs=[1e-3, 2e-3, 4e-3, 8e-3], default_lr=4e-3, dataset="pystdlib_char", dtype="float32",
-                compile="eager", jobs=2, threads=1, multiple_of=1),
-    "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=16, n_expert=8, top_k=2,
-                expert_hidden=1024, steps=1500, warmup_steps=150, eval_interval=150, eval_iters=20, log_interval=50,
-                seeds=3, lrs=[5e-4, 1e-3, 2e-3], default_lr=1e-3, dataset="pystdlib", dtype="bfloat16",
-                compile="compile", jobs=1, threads=None, multiple_of=64),
-}
-STUDY_COMMANDS = ("quality", "ablate", "balance")
-
-
-# ---- statistics (pure; tested on known numbers) -------------------------------------------------
-
-def paired_difference(a, b):
-    """Mean, sample std and standard error of the per-seed differences a[s] - b[s] over the seeds
-    both have (dicts seed -> value; None = a diverged run, skipped). n = number of pairs."""
-    d = [a[s] - b[s] for s in sorted(a.keys() & b.keys()) if a[s] is not None and b[s] is not None]
-    if not d:
-        return dict(mean=None, std=None, se=None, n=0)
-    m, s = mean_std(d)
-    return dict(mean=m, std=s, se=s / math.sqrt(len(d)) if len(d) > 1 else None, n=len(d))
-
-
-def best_lr(vals):
-    """The learning rate with the lowest final val loss ({lr: loss or None if it diverged});
-    ties go to the smaller rate. None if every rate diverged."""
-    ok = [(v, lr) for lr, v in vals.items() if v is not None and math.isfinite(v)]
-    return min(ok)[1] if ok else None
-
-
-def verdict(diff, se, a="UoE", b="MoE"):
-    """Plain words for a paired difference of losses a - b (lower is better)."""
-    if diff is None:
-        return "no pairs"
-    if se is None or se == 0:
-        return f"{a} {'lower' if diff < 0 else 'higher'} by {abs(diff):.4f} (one pair: no SE)"
-    t = abs(diff) / se
-    who = a if diff < 0 else b
-    if t > 2:
-        return f"{who} leads by {abs(diff):.4f} = {t:.1f} SE (> 2 SE)"
-    return f"not decisive: {who} ahead by {abs(diff):.4f} = {t:.1f} SE (< 2 SE)"
-
-
-def ent_load_summary(routing, steps, tail=0.1):
-    """Per layer: mean Ent_load, max and min load over the train records of the last `tail` of
-    training. routing: [[step, [ent per layer], [max per layer], [min per layer]], ...]."""
-    last = [r for r in routing if r[0] > steps * (1 - tail)] or routing[-1:]
-    n_layer = len(last[0][1])
-    return [dict(ent_load=statistics.fmean(r[1][i] for r in last), max_load=statistics.fmean(r[2][i] for r in last),
-                 min_load=statistics.fmean(r[3][i] for r in last)) for i in range(n_layer)]
-
-
-def fmt_pm(m, s, digits=4):
-    return "–" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
-
-
-def fmt_duration(seconds):
-    seconds = max(0, int(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ---- configs and runs ---------------------------------------------------------------------------
-
-def match(config, base, multiple_of=1):
-    """config with D matched on active FLOPs to base (rounded to a multiple of `multiple_of` when
-    uoe.match_config can)."""
-    if multiple_of > 1 and "multiple_of" in inspect.signature(match_config).parameters:
-        return match_config(config, base, "flops", multiple_of=multiple_of)
-    return match_config(config, base, "flops")
-
-
-def variant_configs(base, variants, multiple_of=1):
-    """{name: GPTConfig} of the quality variants, each one's D matched to the UoE base on FLOPs."""
-    out = {}
-    for v in variants:
-        c = replace(base, **STUDY_VARIANTS[v])
-        out[v] = c if v == "uoe" and multiple_of == 1 else match(c, base, multiple_of)
-    return out
-
-
-def ablation_config(base, name):
-    changes = dict(ABLATIONS[name])
-    if "n_routing" in changes:
-        changes["n_routing"] = min(base.expert_hidden - 1, max(1, round(base.n_routing * changes["n_routing"])))
-    return replace(base, **changes)
-
-
-def recipe(args):
-    """The training options every run of a study shares (the learning rate and seed vary)."""
-    return dict(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), max_iters=args.steps,
-                warmup_iters=args.warmup_steps, batch_size=args.batch_size, eval_interval=args.eval_interval,
-                eval_iters=args.eval_iters, log_interval=args.log_interval, ckpt_interval=args.steps,
-                device=args.device, dtype=args.dtype, compile=args.compile == "compile", plot=False)
-
-
-def run_spec(label, config, lr, seed, args):
-    """One train.py run: its label, lr, seed, the full option dict and its folder."""
-    options = {**{k: v for k, v in asdict(config).items()}, **recipe(args),
-               "learning_rate": lr, "min_lr": lr / 10, "seed": seed}
-    key = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
-    # the folder depends on the options only: the same run asked for by two commands is run once
-    name = f"{config.ffn}-D{config.expert_hidden}-lr{lr:g}-s{seed}-{key}"
-    return dict(label=label, lr=lr, seed=seed, options=options, dir=str(Path(args.out_dir).resolve() / "runs" / name))
-
-
-def train_command(spec):
-    opts = {**spec["options"], "out_dir": str(Path(spec["dir"]) / "train"), "overwrite": True}
-    return [sys.executable, str(REPO / "train.py")] + [f"--{k}={v!r}" for k, v in opts.items()]
-
-
-def read_metrics(path):
-    """(eval records, train records) of a train.py metrics.jsonl."""
-    evals, trains = [], []
-    for line in Path(path).read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        (evals if r.get("kind") == "eval" else trains).append(r)
-    return evals, trains
-
-
-def run_result(spec, seconds):
-    """The compact result of a finished run, from its metrics.jsonl."""
-    evals, trains = read_metrics(Path(spec["dir"]) / "train" / "metrics.jsonl")
-    routing = [[t["step"], [l["ent_load"] for l in t["routing"]], [l["max_load"] for l in t["routing"]],
-                [l["min_load"] for l in t["routing"]]]
-               for t in trains if t.get("routing") and all(l is not None for l in t["routing"])]
-    return dict(label=spec["label"], lr=spec["lr"], seed=spec["seed"], options=spec["options"], seconds=seconds,
-                diverged=False, final_val=evals[-1]["val_loss"], final_train=evals[-1]["train_loss"],
-                evals=[[e["step"], e["tokens"], e["train_loss"], e["val_loss"]] for e in evals], routing=routing)
-
-
-def read_result(spec):
-    path = Path(spec["dir"]) / "result.json"
+def cli(run, argv):
+    """run(argv) as a command line program: a UserError, a bad model size (GPTConfig's ValueError) or Ctrl-C
+    ends in one line; returns the exit code."""
     try:
-        r = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return r if r.get("options") == spec["options"] else None
-
-
-class Progress:
-    """Counts finished runs of a command and prints each with the elapsed time and an ETA."""
-
-    def __init__(self, total, jobs):
-        self.total, self.jobs, self.done, self.ran, self.t0 = total, jobs, 0, [], time.time()
-
-    def skip(self, n):
-        self.done += n
-
-    def finished(self, spec, result):
-        self.done += 1
-        self.ran.append(result["seconds"])
-        left = self.total - self.done
-        eta = statistics.fmean(self.ran) * left / self.jobs
-        val = "diverged" if result["diverged"] else f"val {result['final_val']:.4f}"
-        print(f"  [{self.done}/{self.total}] {spec['label']:16s} lr {spec['lr']:<8g} seed {spec['seed']}: {val} "
-              f"({result['seconds']:.0f} s) | elapsed {fmt_duration(time.time() - self.t0)}, ETA {fmt_duration(eta)}",
-              flush=True)
-
-
-def launch(spec, env, log):
-    """Start one train.py run (a Popen); the tests replace this with an in-process stand-in."""
-    return subprocess.Popen(train_command(spec), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-
-
-def run_all(specs, args, progress):
-    """Run every spec that has no result yet, args.jobs at a time; return [result per spec].
-    A run that ends in a non-finite loss is a result (diverged); any other failure stops all."""
-    results, todo = {}, []
-    for s in specs:
-        r = read_result(s)
-        if r is not None:
-            results[s["dir"]] = r
-        elif s["dir"] not in (t["dir"] for t in todo):
-            todo.append(s)
-    progress.skip(len(specs) - len(todo))
-    env = dict(os.environ)
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    running = []                                    # (spec, Popen, log file, start time)
-    try:
-        while todo or running:
-            while todo and len(running) < args.jobs:
-                s = todo.pop(0)
-                r = read_result(s)          # finished meanwhile by another command sharing OUT_DIR
-                if r is not None:
-                    results[s["dir"]] = r
-                    progress.skip(1)
-                    continue
-                Path(s["dir"]).mkdir(parents=True, exist_ok=True)
-                log = open(Path(s["dir"]) / "train.log", "w")
-                p = launch(s, env, log)
-                running.append((s, p, log, time.time()))
-            time.sleep(0.2)
-            for item in [r for r in running if r[1].poll() is not None]:
-                running.remove(item)
-                s, p, log, t0 = item
-                log.close()
-                text = (Path(s["dir"]) / "train.log").read_text(errors="replace")
-                if p.returncode == 0:
-                    r = run_result(s, time.time() - t0)
-                    (Path(s["dir"]) / "train" / "ckpt.pt").unlink(missing_ok=True)   # keep the disk small
-                elif p.returncode == 2 and "non-finite loss" in text:
-                    r = dict(label=s["label"], lr=s["lr"], seed=s["seed"], options=s["options"],
-                             seconds=time.time() - t0, diverged=True, final_val=None, final_train=None,
-                             evals=[], routing=[])
-                else:
-                    last = ([l for l in text.splitlines() if l.strip()] or ["(no output)"])[-1]
-                    raise UserError(f"train.py failed for {s['label']} lr {s['lr']:g} seed {s['seed']} "
-                                    f"(exit {p.returncode}): {last.removeprefix('error: ')} "
-                                    f"[log: {Path(s['dir']) / 'train.log'}]")
-                write_json(Path(s["dir"]) / "result.json", r, quiet=True)
-                results[s["dir"]] = r
-                progress.finished(s, r)
-    finally:
-        for s, p, log, _ in running:                # interrupted or failed: stop our own runs
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            log.close()
-    return [results[s["dir"]] for s in specs]
-
-
-def study_data(args):
-    """Prepare the dataset once, before parallel runs could race to do it; return its meta."""
-    from data.prepare import DataError, ensure_dataset, read_meta
-    try:
-        return read_meta(ensure_dataset(args.dataset, Path(args.data_dir)))
-    except DataError as e:
-        raise UserError(str(e)) from None
-
-
-def study_base(args, meta):
-    vocab = meta["vocab_size"]
-    if args.preset == "gpu":
-        vocab = -(-vocab // 64) * 64                 # GPT-2's 50257 -> 50304: aligned GEMMs
-    return GPTConfig(ffn="uoe", vocab_size=vocab, **{k: getattr(args, k) for k in MODEL_KEYS if k != "vocab_size"})
-
-
-def describe(config, base):
-    total, active = param_counts(config)
-    return dict(config=asdict(config), expert_hidden=config.expert_hidden, n_routing=config.n_routing,
-                params_total=total, params_active=active, fwd_flops_per_token=flops_per_token(config),
-                flop_mismatch=flops_per_token(config) / flops_per_token(base) - 1)
-
-
-def seed_summary(results):
-    """Per-seed finals {seed: val or None}, mean ± std over the seeds that did not diverge, curves."""
-    finals = {r["seed"]: r["final_val"] for r in results}
-    ok = [v for v in finals.values() if v is not None]
-    m, s = mean_std(ok) if ok else (None, None)
-    return dict(val_per_seed=finals, val_mean=m, val_std=s, n_seeds=len(ok),
-                curves={r["seed"]: r["evals"] for r in results})
-
-
-def study_header(args, base, what):
-    return (f"# bench.py {what}: {args.dataset}, {args.steps} steps x {args.batch_size} x {base.block_size} tokens "
-            f"({args.steps * args.batch_size * base.block_size / 1e6:.2f}M), warmup {args.warmup_steps}, "
-            f"cosine to lr/10, seeds 0..{args.seeds - 1}; UoE {base.n_layer}x{base.n_embd}, E={base.n_expert}, "
-            f"K={base.top_k}, D={base.expert_hidden}; {args.device} {args.dtype} {args.compile}; "
-            f"{args.jobs} run(s) at a time{f', {args.threads} thread(s) each' if args.threads else ''}")
-
-
-def settings(args, base):
-    return dict(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, block_size=base.block_size,
-                tokens=args.steps * args.batch_size * base.block_size, seeds=args.seeds, recipe=recipe(args),
-                device=args.device, dtype=args.dtype, compile=args.compile, torch=torch.__version__,
-                machine=cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(),
-                threads=args.threads, jobs=args.jobs, base_config=asdict(base), multiple_of=args.multiple_of)
-
-
-def paired_table(comparisons, title="paired difference of final val loss (first − second)"):
-    lines = [f"| comparison | {title} ± SE | seeds | verdict |", "|---|---:|---:|---|"]
-    for name, d in comparisons.items():
-        a, b = name.split(" − ")
-        lines.append(f"| {name} | {fmt_pm(d['mean'], d['se'])} | {d['n']} | {verdict(d['mean'], d['se'], a, b)} |")
-    return lines
-
-
-def bench_quality(args):
-    meta = study_data(args)
-    base = study_base(args, meta)
-    configs = variant_configs(base, args.variants, args.multiple_of)
-    print(study_header(args, base, "quality"), flush=True)
-    sweep = {v: [run_spec(v, configs[v], lr, 0, args) for lr in args.lrs] for v in args.variants}
-    progress = Progress(len(args.variants) * (len(args.lrs) + args.seeds - 1), args.jobs)
-    t0 = time.time()
-    order = [sweep[v][i] for i in range(len(args.lrs)) for v in args.variants]   # interleaved
-    done = {s["dir"]: r for s, r in zip(order, run_all(order, args, progress))}
-    rows, best = {}, {}
-    for v in args.variants:
-        vals = {s["lr"]: done[s["dir"]]["final_val"] for s in sweep[v]}
-        best[v] = best_lr(vals)
-        if best[v] is None:
-            raise UserError(f"{v} diverged at every learning rate of the sweep; give lower --lrs")
-        rows[v] = dict(describe(configs[v], base), sweep={str(lr): val for lr, val in vals.items()}, best_lr=best[v],
-                       best_at_edge=len(args.lrs) > 1 and best[v] in (min(args.lrs), max(args.lrs)))
-    specs = {v: [run_spec(v, configs[v], best[v], s, args) for s in range(args.seeds)] for v in args.variants}
-    flat = [specs[v][s] for s in range(1, args.seeds) for v in args.variants]
-    run_all(flat, args, progress)
-    for v in args.variants:
-        rows[v].update(seed_summary(run_all(specs[v], args, Progress(0, 1))))
-    comparisons = {f"{a} − {b}": paired_difference(rows[a]["val_per_seed"], rows[b]["val_per_seed"])
-                   for a, b in COMPARISONS if a in rows and b in rows}
-    result = dict(command="quality", **settings(args, base), lrs=args.lrs, best_lr=best, variants=rows,
-                  comparisons=comparisons, seconds=time.time() - t0)
-    return report(result, quality_table, args, plot_quality, "quality_curves.png")
-
-
-def report(result, table, args, plot=None, figure=None):
-    """A study command's end: print its table, draw its figure (unless --plot off), write its JSON."""
-    print()
-    print(table(result))
-    if plot is not None and args.plot == "on":
-        result["figure"] = plot(result, Path(args.out_dir) / figure)
-    write_json(args.json, result)
-    return result
-
-
-def quality_table(res):
-    lrs = res["lrs"]
-    lines = [f"Quality at matched active FLOPs per token: {res['dataset']}, {res['steps']} steps, "
-             f"{res['tokens'] / 1e6:.2f}M tokens; val loss of seed 0 at each lr of the sweep, then mean ± std "
-             f"over {res['seeds']} seeds at the variant's best lr", "",
-             "| variant | D | total params | active params | fwd MFLOP/tok | FLOPs vs UoE | "
-             + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | val loss |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(lrs) + "---:|---:|"]
-    for v, r in res["variants"].items():
-        sweep = " | ".join("diverged" if r["sweep"][str(lr)] is None else f"{r['sweep'][str(lr)]:.4f}" for lr in lrs)
-        lines.append(f"| {v} | {r['expert_hidden']} | {r['params_total'] / 1e6:.3f}M | "
-                     f"{r['params_active'] / 1e6:.3f}M | "
-                     f"{r['fwd_flops_per_token'] / 1e6:.3f} | {r['flop_mismatch']:+.2%} | {sweep} | "
-                     f"{r['best_lr']:g}{' (edge)' if r['best_at_edge'] else ''} | "
-                     f"{fmt_pm(r['val_mean'], r['val_std'])} |")
-    lines += ["", *paired_table(res["comparisons"])]
-    if any(r["best_at_edge"] for r in res["variants"].values()):
-        lines += ["", "(edge): the best lr is at the edge of the sweep; a wider --lrs may find a better one"]
-    return "\n".join(lines)
-
-
-def gap_curve(a, b):
-    """Per eval step: (tokens, mean and SE of the paired val-loss difference a - b over seeds)."""
-    seeds = sorted(set(a) & set(b))
-    seeds = [s for s in seeds if a[s] and b[s]]
-    if not seeds:
-        return []
-    out = []
-    for i in range(min(min(len(a[s]), len(b[s])) for s in seeds)):
-        d = [a[s][i][3] - b[s][i][3] for s in seeds]
-        m, sd = mean_std(d)
-        out.append((a[seeds[0]][i][1], m, sd / math.sqrt(len(d)) if len(d) > 1 else 0.0))
-    return out
-
-
-def plot_quality(res, path):
-    """Left: val loss against tokens (mean over seeds) per variant; right: the paired gaps ± SE."""
-    plt = pyplot()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
-    for i, (v, r) in enumerate(res["variants"].items()):
-        curves = [c for c in r["curves"].values() if c]
-        n = min(len(c) for c in curves)
-        tok = [curves[0][j][1] / 1e6 for j in range(n)]
-        val = [statistics.fmean(c[j][3] for c in curves) for j in range(n)]
-        ax.plot(tok[1:], val[1:], marker="o", ms=3, color=f"C{i}",
-                label=f"{v} (D={r['expert_hidden']}, lr {r['best_lr']:g}) {fmt_pm(r['val_mean'], r['val_std'], 3)}")
-    ax.set(xlabel="tokens seen (M)", ylabel="val loss (mean over seeds)",
-           title=f"{res['dataset']}: matched active FLOPs")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    for i, (a, b) in enumerate(COMPARISONS[:3]):
-        if a not in res["variants"] or b not in res["variants"]:
-            continue
-        g = gap_curve(res["variants"][a]["curves"], res["variants"][b]["curves"])[1:]
-        if not g:
-            continue
-        x, m, se = zip(*g)
-        x = [t / 1e6 for t in x]
-        ax2.plot(x, m, marker="o", ms=3, color=f"C{i}", label=f"{a} − {b}")
-        ax2.fill_between(x, [p - 2 * q for p, q in zip(m, se)], [p + 2 * q for p, q in zip(m, se)],
-                         color=f"C{i}", alpha=0.15)
-    ax2.axhline(0, color="k", lw=0.8)
-    ax2.set(xlabel="tokens seen (M)", ylabel="val loss difference (band: ± 2 SE)",
-            title="paired gaps (below 0: first is better)")
-    ax2.legend(fontsize=8)
-    ax2.grid(alpha=0.3)
-    return save_figure(fig, path)
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return str(path)
-
-
-def quality_lr(args, variant):
-    """The variant's best lr from OUT_DIR/bench_quality.json when that study used this recipe and
-    model, else None."""
-    try:
-        q = json.loads((Path(args.out_dir) / "bench_quality.json").read_text())
-    except (OSError, ValueError):
-        return None
-    base = study_base(args, dict(vocab_size=q.get("base_config", {}).get("vocab_size", 0)))
-    if q.get("recipe") != recipe(args) or q.get("base_config") != asdict(base):
-        return None
-    return q.get("best_lr", {}).get(variant)
-
-
-def pick_lr(args, variant):
-    if args.lr is not None:
-        return args.lr, "--lr"
-    lr = quality_lr(args, variant)
-    if lr is not None:
-        return lr, "best lr of bench.py quality"
-    return (STUDY_PRESETS[args.preset]["default_lr"],
-            "preset default (no matching bench_quality.json; run quality first or give --lr)")
-
-
-def bench_ablate(args):
-    meta = study_data(args)
-    base = study_base(args, meta)
-    base = variant_configs(base, ["uoe"], args.multiple_of)["uoe"]     # the exact UoE of quality
-    lr, source = pick_lr(args, "uoe")
-    print(study_header(args, base, "ablate") + f"; lr {lr:g} ({source})", flush=True)
-    configs = {a: ablation_config(base, a) for a in args.ablations}
-    specs = {a: [run_spec("uoe" if a == "uoe" else f"uoe:{a}", c, lr, s, args) for s in range(args.seeds)]
-             for a, c in configs.items()}
-    t0 = time.time()
-    progress = Progress(len(configs) * args.seeds, args.jobs)
-    flat = [specs[a][s] for s in range(args.seeds) for a in configs]
-    done = {s["dir"]: r for s, r in zip(flat, run_all(flat, args, progress))}
-    rows = {a: dict(describe(c, base), changes={k: getattr(c, k) for k in ABLATIONS[a]},
-                    **seed_summary([done[s["dir"]] for s in specs[a]])) for a, c in configs.items()}
-    if "uoe" in rows:
-        for a, r in rows.items():
-            r["diff_vs_uoe"] = paired_difference(r["val_per_seed"], rows["uoe"]["val_per_seed"]) if a != "uoe" else None
-    result = dict(command="ablate", **settings(args, base), lr=lr, lr_source=source, ablations=rows,
-                  seconds=time.time() - t0)
-    print()
-    print(ablate_table(result))
-    write_json(args.json, result)
-    return result
-
-
-def ablate_table(res):
-    lines = [f"UoE ablations: {res['dataset']}, {res['steps']} steps, {res['tokens'] / 1e6:.2f}M tokens, "
-             f"lr {res['lr']:g}; same D as UoE; val loss mean ± std over {res['seeds']} seeds; difference to "
-             "full UoE paired by seed", "",
-             "| ablation | change | n_routing | fwd MFLOP/tok | FLOPs vs UoE | total params | val loss | "
-             "− UoE ± SE | verdict |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for a, r in res["ablations"].items():
-        d = r.get("diff_vs_uoe")
-        change = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(full UoE)"
-        lines.append(f"| {a} | {change} | {r['n_routing']} | {r['fwd_flops_per_token'] / 1e6:.3f} | "
-                     f"{r['flop_mismatch']:+.1%} | {r['params_total'] / 1e6:.3f}M | "
-                     f"{fmt_pm(r['val_mean'], r['val_std'])} | {fmt_pm(d['mean'], d['se']) if d else '–'} | "
-                     f"{verdict(d['mean'], d['se'], a, 'uoe') if d else ''} |")
-    return "\n".join(lines)
-
-
-def bench_balance(args):
-    meta = study_data(args)
-    base = study_base(args, meta)
-    configs = variant_configs(base, args.variants, args.multiple_of)
-    lrs = {v: pick_lr(args, v) for v in args.variants}
-    print(study_header(args, base, "balance") + "; lr "
-          + ", ".join(f"{v} {lr:g} ({src})" for v, (lr, src) in lrs.items()),
-          flush=True)
-    specs = {(v, coef): [run_spec(f"{v}:aux{coef:g}", replace(configs[v], aux_loss_coef=coef), lrs[v][0], s, args)
-                         for s in range(args.seeds)] for coef in args.aux for v in args.variants}
-    t0 = time.time()
-    progress = Progress(sum(map(len, specs.values())), args.jobs)
-    flat = [x[s] for s in range(args.seeds) for x in specs.values()]
-    done = {s["dir"]: r for s, r in zip(flat, run_all(flat, args, progress))}
-    rows = []
-    for (v, coef), ss in specs.items():
-        results = [done[s["dir"]] for s in ss if not done[s["dir"]]["diverged"]]
-        per_seed = [ent_load_summary(r["routing"], args.steps) for r in results if r["routing"]]
-        if not per_seed:
-            continue
-        for layer in range(len(per_seed[0])):
-            ent = [p[layer]["ent_load"] for p in per_seed]
-            mx = [p[layer]["max_load"] for p in per_seed]
-            mn = [p[layer]["min_load"] for p in per_seed]
-            rows.append(dict(variant=v, aux_loss_coef=coef, layer=layer, lr=lrs[v][0], seeds=len(ent),
-                             ent_load=mean_std(ent), max_load=mean_std(mx), min_load=mean_std(mn),
-                             max_over_min=statistics.fmean(a / b if b > 0 else math.inf for a, b in zip(mx, mn)),
-                             val=mean_std([r["final_val"] for r in results])))
-    curves = {f"{v}:aux{coef:g}": [done[s["dir"]]["routing"] for s in ss] for (v, coef), ss in specs.items()}
-    # paired by seed: Ent_load of each variant minus the first one's (uoe - moe by default), per layer
-    ent = {key: {s["seed"]: ent_load_summary(done[s["dir"]]["routing"], args.steps)
-                 for s in ss if done[s["dir"]]["routing"]} for key, ss in specs.items()}
-    first = args.variants[0]
-    ent_diffs = [dict(variant=v, versus=first, aux_loss_coef=coef, layer=layer,
-                      **paired_difference({k: e[layer]["ent_load"] for k, e in ent[(v, coef)].items()},
-                                          {k: e[layer]["ent_load"] for k, e in ent[(first, coef)].items()}))
-                 for coef in args.aux for v in args.variants[1:] for layer in range(base.n_layer)
-                 if ent.get((v, coef)) and ent.get((first, coef))]
-    result = dict(command="balance", **settings(args, base), aux=args.aux, lr={v: x[0] for v, x in lrs.items()},
-                  configs={v: describe(c, base) for v, c in configs.items()}, rows=rows, ent_load_diffs=ent_diffs,
-                  curves=curves,
-                  ent_load_max=math.log(base.n_expert), seconds=time.time() - t0)
-    return report(result, balance_table, args, plot_balance, "balance.png")
-
-
-def balance_table(res):
-    lines = [f"Load balance: {res['dataset']}, {res['steps']} steps; routing of the training batches over the last "
-             f"10% of steps, mean ± std over {res['seeds']} seeds; Ent_load is at most "
-             f"ln E = {res['ent_load_max']:.3f}, "
-             f"a load of 1/E = {1 / res['base_config']['n_expert']:.3f} per expert is perfect balance", "",
-             "| variant | aux_loss_coef | layer | Ent_load | max load | min load | max / min | val loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['variant']} | {r['aux_loss_coef']:g} | {r['layer']} | {fmt_pm(*r['ent_load'], 3)} | "
-                     f"{fmt_pm(*r['max_load'], 3)} | {fmt_pm(*r['min_load'], 3)} | {r['max_over_min']:.1f} | "
-                     f"{fmt_pm(*r['val'])} |")
-    if res.get("ent_load_diffs"):
-        lines += ["", "| Ent_load, paired by seed | aux_loss_coef | layer | difference ± SE | seeds |",
-                  "|---|---:|---:|---:|---:|"]
-        for d in res["ent_load_diffs"]:
-            lines.append(f"| {d['variant']} − {d['versus']} | {d['aux_loss_coef']:g} | {d['layer']} | "
-                         f"{fmt_pm(d['mean'], d['se'], 3)} | {d['n']} |")
-    return "\n".join(lines)
-
-
-def plot_balance(res, path):
-    """Ent_load against step, per layer, for each variant and aux coefficient (mean over seeds)."""
-    plt = pyplot()
-    n_layer = res["base_config"]["n_layer"]
-    fig, axes = plt.subplots(1, n_layer, figsize=(5 * n_layer, 4), squeeze=False, sharey=True)
-    for layer, ax in enumerate(axes[0]):
-        for i, (name, runs) in enumerate(res["curves"].items()):
-            runs = [r for r in runs if r]
-            if not runs:
-                continue
-            n = min(len(r) for r in runs)
-            steps = [runs[0][j][0] for j in range(n)]
-            ent = [statistics.fmean(r[j][1][layer] for r in runs) for j in range(n)]
-            variant, aux = name.split(":aux")
-            ax.plot(steps, ent, color=f"C{list(res['lr']).index(variant)}", ls="-" if float(aux) == 0 else "--",
-                    label=f"{variant}, aux_loss_coef {aux}")
-        ax.axhline(res["ent_load_max"], color="k", lw=0.8, ls=":")
-        ax.set(title=f"layer {layer}", xlabel="step", ylabel="Ent_load (training batch)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-# -----------------------------------------------------------------------------
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_memory"]:                  # internal: the memory probe's child process
-        memory_probe(json.loads(argv[1]))
-        return 0
-    try:
-        args = parse_args(argv)
-        dict(speed=bench_speed, quality=bench_quality, ablate=bench_ablate, balance=bench_balance)[args.command](args)
+        run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1365,6 +677,17 @@ def main(argv=None):
         print(f"error: {e}; change the size flags", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_memory"]:                  # internal: the memory probe's child process
+        memory_probe(json.loads(argv[1]))
+        return 0
+    if argv[:1] and argv[0] in STUDY_COMMANDS:   # the study lives in study.py
+        import study
+        return study.main(argv)
+    return cli(lambda argv: bench_speed(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,344 @@
+"""Tests for study.py: arguments, the statistics on known numbers, run identity, held-out selection, the
+claim on a run in progress, and tiny end-to-end studies (train.py's main() in this process; one real
+subprocess)."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import study
+import train
+import uoe
+
+MICRO = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "8", "--batch_size", "2",
+         "--n_expert", "4", "--top_k", "2", "--expert_hidden", "16", "--steps", "3", "--seeds", "2",
+         "--warmup_steps", "1", "--eval_interval", "2", "--eval_iters", "1", "--log_interval", "1", "--jobs", "1",
+         "--plot", "off", "--device", "cpu"]
+FINGERPRINT = dict(code_sha256="c" * 64, data_sha256="d" * 64, torch="2.x")
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "no command"),
+    (["quality", "--lrs", "1e-3,x"], "--lrs"),
+    (["quality", "--lrs", "0"], "--lrs"),
+    (["quality", "--variants", "moe,gshard"], "gshard"),
+    (["quality", "--warmup_steps", "-1"], "--warmup_steps"),
+    (["quality", "--seeds", "1001"], "sweep"),
+    (["quality", "--preset", "huge"], "--preset"),
+    (["ablate", "--lr", "-1"], "--lr"),
+    (["ablate", "--ablations", "no_vse,no_brain"], "no_brain"),
+    (["balance", "--aux", "-0.1"], "--aux"),
+    (["report", "--presets", "cpu,huge"], "huge"),
+    (["report"], "run python study.py quality --preset cpu first"),
+])
+def test_bad_arguments_exit_2_with_one_error_line(argv, words, capsys, tmp_path):
+    assert study.main(argv + ["--out_dir", str(tmp_path)] if argv else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    assert not list(tmp_path.iterdir())                    # nothing written
+
+
+def test_presets_and_defaults():
+    q = study.parse_args(["quality", "--seeds", "4", "--lrs", "1e-3,3e-3,1e-3", "--json", "x.json"])
+    assert q.seeds == 4 and q.lrs == [1e-3, 3e-3] and q.json == "x.json" and q.sweep_seeds == 1
+    assert q.steps == 500 and q.n_embd == 64 and q.compile == "eager" and q.jobs == 2 and q.threads == 1
+    assert q.variants == ["dense", "moe", "moe+shared", "aoe", "uoe"] and q.dataset == "pystdlib_char"
+    t = study.parse_args(["quality", "--preset", "train"])            # python train.py's own model and length
+    model, recipe = uoe.GPTConfig(), train.TrainConfig()
+    assert (t.n_layer, t.n_embd, t.block_size, t.n_expert, t.top_k, t.expert_hidden) == (4, 128, 256, 8, 2, 256) == \
+        (model.n_layer, model.n_embd, model.block_size, model.n_expert, model.top_k, model.expert_hidden)
+    assert (t.steps, t.batch_size) == (recipe.max_iters, recipe.batch_size) == (1000, 16) and t.seeds >= 5
+    assert t.variants == ["dense", "moe", "moe+shared", "uoe"] and t.json == str(Path("bench_out/quality_train.json"))
+    a = study.parse_args(["ablate"])
+    assert a.lr is None and a.ablations == list(study.ABLATIONS) and a.seeds >= 5
+    assert study.parse_args(["balance"]).aux == [0.0, 0.01]
+    assert study.parse_args(["report"]).presets == ["cpu", "train"]
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+def test_t_quantiles_match_the_tables():
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert study.t_quantile(0.975, df) == pytest.approx(t, abs=5e-4)
+    assert study.t_cdf(0.0, 3) == pytest.approx(0.5) and study.t_cdf(-1.0, 3) == pytest.approx(1 - study.t_cdf(1, 3))
+    assert study.betainc(1, 1, 0.3) == pytest.approx(0.3) and study.betainc(2.5, 2.5, 0.5) == pytest.approx(0.5)
+
+
+def test_paired_difference_interval_and_verdict_on_known_numbers():
+    a = {0: 2.0, 1: 2.2, 2: 2.1}
+    b = {0: 2.1, 1: 2.4, 2: 2.1, 3: 9.9}            # seed 3 has no partner: left out
+    d = study.paired_difference(a, b)
+    se = 0.1 / 3 ** 0.5
+    assert d["n"] == 3 and d["mean"] == pytest.approx(-0.1) and d["std"] == pytest.approx(0.1)
+    assert d["se"] == pytest.approx(se) and d["ci"] == pytest.approx([-0.1 - 4.3027 * se, -0.1 + 4.3027 * se], abs=1e-4)
+    # -0.1 is 1.7 SE: with 3 seeds the interval (t = 4.30) includes 0, so not decisive
+    assert study.verdict(d, "uoe", "moe").startswith("not decisive") and "uoe ahead by 0.1000" in study.verdict(d)
+    # 2.5 SE at 3 seeds: beyond the old 2-SE rule, still inside t(2)'s interval
+    d = dict(mean=-0.05, se=0.02, ci=[-0.05 - 4.303 * 0.02, -0.05 + 4.303 * 0.02], n=3)
+    assert study.verdict(d).startswith("not decisive")
+    d = study.paired_difference({s: 2.0 + s / 100 for s in range(5)}, {s: 2.1 + s / 99 for s in range(5)})
+    assert d["ci"][1] < 0 and study.verdict(d, "uoe", "moe").startswith("decisive: uoe is better")
+    assert study.paired_difference({0: 1.0, 1: None}, {0: 0.5, 1: 0.7}) == \
+        dict(mean=0.5, std=0.0, se=None, ci=None, n=1)
+    assert study.verdict(dict(mean=0.5, se=None, ci=None, n=1)) == "one pair: no interval"
+    assert study.paired_difference({}, {0: 1.0})["n"] == 0
+
+
+def test_best_lr_gap_curve_and_ent_load_summary_on_known_numbers():
+    assert study.best_lr({1e-3: 2.0, 2e-3: 1.9, 4e-3: None}) == 2e-3        # None = diverged
+    assert study.best_lr({1e-3: 1.9, 2e-3: 1.9}) == 1e-3                     # a tie: the smaller rate
+    assert study.best_lr({1e-3: None, 2e-3: float("nan")}) is None
+    a = {0: [[0, 0, 9, 3.0], [10, 100, 9, 2.0]], 1: [[0, 0, 9, 3.0], [10, 100, 9, 2.2]]}
+    b = {0: [[0, 0, 9, 3.0], [10, 100, 9, 2.1]], 1: [[0, 0, 9, 3.0], [10, 100, 9, 2.5]]}
+    g = study.gap_curve(a, b)
+    assert g[0] == (0, 0.0, 0.0)
+    assert g[1][0] == 100 and g[1][1] == pytest.approx(-0.2) and g[1][2] == pytest.approx(12.706 * 0.1, abs=1e-3)
+    routing = [[10, [1.0, 2.0], [0.5, 0.4], [0.1, 0.0]], [95, [1.2, 2.0], [0.3, 0.4], [0.1, 0.0]],
+               [100, [1.4, 2.0], [0.5, 0.4], [0.1, 0.0]]]
+    s = study.ent_load_summary(routing, steps=100)                        # the last 10%: steps 95 and 100
+    assert s[0] == dict(ent_load=pytest.approx(1.3), max_load=pytest.approx(0.4), min_load=pytest.approx(0.1))
+    assert s[1]["ent_load"] == 2.0 and len(s) == 2
+
+
+# ---- run identity ------------------------------------------------------------------------------
+
+def test_runs_are_paired_and_identified_by_options_role_code_and_data(tmp_path):
+    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--device", "cpu"])
+    args.fingerprint = FINGERPRINT
+    base = uoe.GPTConfig(vocab_size=97, **{k: getattr(args, k) for k in study.MODEL_KEYS})
+    configs = study.variant_configs(base, ["dense", "moe", "moe+shared", "uoe"])
+    assert configs["moe+shared"].n_shared == 1 and configs["uoe"] == base
+    for c in configs.values():                                             # matched on active FLOPs
+        assert uoe.flops_per_token(c) == pytest.approx(uoe.flops_per_token(base), rel=0.01)
+    specs = [study.run_spec(v, c, lr, 1, args) for (v, c), lr in zip(configs.items(), (1e-3, 2e-3, 3e-3, 4e-3))]
+    model_keys = set(dataclasses.asdict(base))
+    for s in specs:   # the same seed: identical data, order, evaluation and schedule; only the model and lr differ
+        skip = model_keys | {"learning_rate", "min_lr"}
+        rest = {k: v for k, v in s["options"].items() if k not in skip}
+        assert rest == {k: v for k, v in specs[0]["options"].items() if k not in skip}
+        assert rest["seed"] == 1 and s["options"]["min_lr"] == pytest.approx(s["options"]["learning_rate"] / 10)
+        cmd = study.train_command(s)
+        assert cmd[1].endswith("train.py") and "--seed=1" in cmd and f"--ffn={s['options']['ffn']!r}" in cmd
+    assert len({s["dir"] for s in specs}) == 4
+    uoe_run = specs[3]
+    assert study.run_spec("other label", configs["uoe"], 4e-3, 1, args)["dir"] == uoe_run["dir"]   # reused
+    assert study.run_spec("uoe", configs["uoe"], 4e-3, 2, args)["dir"] != uoe_run["dir"]
+    sweep = study.run_spec("uoe", configs["uoe"], 4e-3, 1, args, "sweep")      # never a reported run, even at
+    assert sweep["dir"] != uoe_run["dir"] and sweep["dir"].endswith(sweep["dir"][-10:])   # the same seed
+    for change in (dict(code_sha256="e" * 64), dict(data_sha256="f" * 64), dict(torch="9.9")):
+        args.fingerprint = dict(FINGERPRINT, **change)                   # other code, corpus or torch: rerun
+        assert study.run_spec("uoe", configs["uoe"], 4e-3, 1, args)["dir"] != uoe_run["dir"]
+    abl = {a: study.ablation_config(base, a) for a in study.ABLATIONS}
+    assert abl["uoe"] == base and abl["no_vse"].vse is False and abl["norm_inf"].route_norm == "inf"
+    assert abl["n_routing_half"].n_routing == base.n_routing // 2
+    assert abl["n_routing_double"].n_routing == 2 * base.n_routing
+
+
+def change_first_token(path):
+    with open(path, "r+b") as f:
+        first = f.read(2)
+        f.seek(0)
+        f.write(b"\1\0" if first == b"\0\0" else b"\0\0")
+
+
+def test_the_fingerprint_is_of_the_code_and_the_corpus(tmp_path, data, monkeypatch):
+    shutil.copytree(data / "tiny", tmp_path / "tiny")
+    f = study.fingerprint(tmp_path / "tiny")
+    assert f == study.fingerprint(data / "tiny") and len(f["code_sha256"]) == len(f["data_sha256"]) == 64
+    change_first_token(tmp_path / "tiny" / "val.bin")                    # another corpus
+    assert study.fingerprint(tmp_path / "tiny")["data_sha256"] != f["data_sha256"]
+    (tmp_path / "uoe.py").write_text("# other code\n")
+    monkeypatch.setattr(study, "REPO", tmp_path)
+    monkeypatch.setattr(study, "CODE_FILES", ("uoe.py",))
+    assert study.fingerprint(data / "tiny")["code_sha256"] != f["code_sha256"]
+
+
+# ---- end to end (train.py in this process) -----------------------------------------------------
+
+class InProcess:
+    """study.launch's stand-in: train.py's main() in this process (no interpreter start per run)."""
+    calls = []
+
+    def __init__(self, spec, env, log, claim_file):
+        InProcess.calls.append(spec["dir"])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                self.returncode = train.main(study.train_command(spec)[2:])
+            except train.UserError as e:
+                print(f"error: {e}")
+                self.returncode = 2
+        log.write(out.getvalue())
+        log.flush()
+
+    def poll(self):
+        return self.returncode
+
+
+@pytest.fixture
+def micro(tmp_path, monkeypatch, data):
+    monkeypatch.setattr(study, "launch", InProcess)
+    InProcess.calls = []
+    return MICRO + ["--data_dir", str(data), "--dataset", "tiny", "--out_dir", str(tmp_path)]
+
+
+def calls():
+    out, InProcess.calls = InProcess.calls, []
+    return out
+
+
+def test_the_study_selects_on_held_out_seeds_and_reports_fresh_runs(micro, tmp_path, capsys):
+    """quality, then ablate and balance on its lr and its reported runs, then the report."""
+    argv = ["quality", *micro, "--variants", "moe,uoe", "--lrs", "1e-3,2e-3"]
+    assert study.main(argv) == 0
+    res = json.loads((tmp_path / "quality_cpu.json").read_text())
+    assert len(calls()) == 2 * (2 * 1 + 2)                  # per variant: 2 lrs on sweep seed 1000, 2 seeds
+    reported, swept = set(), set()
+    for v, r in res["variants"].items():
+        assert set(r["sweep"]) == {"0.001", "0.002"} and r["best_lr"] in (1e-3, 2e-3)
+        assert set(r["val_per_seed"]) == {"0", "1"} and r["val_std"] >= 0 and res["sweep_seeds"] == [1000]
+        assert [e[0] for e in r["curves"]["0"]] == [0, 2, 3]
+        reported |= set(r["runs"])
+        swept |= set(r["sweep_runs"])
+    assert len(reported) == 4 and len(swept) == 4 and not reported & swept     # no reported run is a sweep run
+    for name in reported | swept:
+        result = json.loads((tmp_path / "runs" / name / "result.json").read_text())
+        assert (result["identity"]["role"] == "sweep") == (name in swept)
+        assert (result["seed"] >= 1000) == (name in swept)
+        assert result["identity"]["options"]["learning_rate"] == res["variants"][result["label"]]["best_lr"] \
+            or name in swept
+    d = res["comparisons"]["uoe − moe"]
+    u, m = res["variants"]["uoe"]["val_per_seed"], res["variants"]["moe"]["val_per_seed"]
+    assert set(res["comparisons"]) == {"uoe − moe"} and d["n"] == 2
+    assert d["mean"] == pytest.approx(((u["0"] - m["0"]) + (u["1"] - m["1"])) / 2) and len(d["ci"]) == 2
+    printed = capsys.readouterr().out
+    assert "| uoe − moe |" in printed and "95% CI" in printed and "ETA" in printed
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert all((r / "result.json").is_file() and not (r / "train" / "ckpt.pt").exists() for r in runs)
+
+    # a rerun skips what finished; a run whose result is missing (interrupted) runs again
+    (tmp_path / "runs" / sorted(reported)[0] / "result.json").unlink()
+    assert study.main(argv) == 0
+    assert calls() == [str(tmp_path / "runs" / sorted(reported)[0])]
+    assert json.loads((tmp_path / "quality_cpu.json").read_text())["comparisons"] == res["comparisons"]
+
+    # ablate: UoE's lr from the sweep; its baseline is quality's reported UoE runs, never a sweep run
+    assert study.main(["ablate", *micro, "--ablations", "uoe,no_vse"]) == 0
+    ab = json.loads((tmp_path / "ablate_cpu.json").read_text())
+    assert ab["lr"] == res["best_lr"]["uoe"] and "held-out" in ab["lr_source"]
+    assert len(calls()) == 2 and ab["ablations"]["uoe"]["runs"] == res["variants"]["uoe"]["runs"]
+    assert ab["ablations"]["no_vse"]["diff_vs_uoe"]["n"] == 2 and ab["ablations"]["uoe"]["diff_vs_uoe"] is None
+    assert "| no_vse | vse=False |" in capsys.readouterr().out
+
+    # balance: per layer, without the aux loss (new runs) and with it (quality's runs)
+    assert study.main(["balance", *micro, "--plot", "on"]) == 0
+    bal = json.loads((tmp_path / "balance_cpu.json").read_text())
+    assert len(calls()) == 2 * 2
+    assert {(r["variant"], r["aux_loss_coef"], r["layer"]) for r in bal["rows"]} == \
+        {(v, a, 0) for v in ("moe", "uoe") for a in (0.0, 0.01)}
+    for r in bal["rows"]:
+        assert 0 <= r["ent_load"][0] <= bal["ent_load_max"] + 1e-9 and r["seeds"] == 2
+        assert r["min_load"][0] <= 1 / 4 <= r["max_load"][0]
+    d = {(x["aux_loss_coef"], x["layer"]): x for x in bal["ent_load_diffs"]}
+    assert set(d) == {(0.0, 0), (0.01, 0)} and d[(0.0, 0)]["variant"] == "uoe" and d[(0.0, 0)]["n"] == 2
+    assert (tmp_path / "balance_cpu.png").stat().st_size > 0
+    assert "| uoe − moe | 0 | 0 |" in capsys.readouterr().out
+
+    # the report: headline sentences, the tables, the figure, for the budgets found
+    assert study.main(["report", "--out_dir", str(tmp_path)]) == 0
+    md = (tmp_path / "study_report.md").read_text()
+    assert "## Budget `cpu`" in md and "**uoe − moe**: uoe − moe = " in md and "95% CI" in md
+    assert "| no_vse | vse=False |" in md and "![" in md and "`train`" not in md
+    rep = json.loads((tmp_path / "study_report.json").read_text())
+    assert rep["headline"]["cpu"]["uoe − moe"] == res["comparisons"]["uoe − moe"]
+    assert (tmp_path / "study_report.png").stat().st_size > 0
+
+
+def test_a_run_of_other_code_or_data_is_rerun(micro, tmp_path, data, monkeypatch):
+    shutil.copytree(data / "tiny", tmp_path / "data" / "tiny")
+    argv = ["balance", *micro, "--data_dir", str(tmp_path / "data"), "--variants", "uoe", "--aux", "0",
+            "--seeds", "1", "--lr", "1e-3"]
+    assert study.main(argv) == 0 and len(calls()) == 1
+    assert study.main(argv) == 0 and calls() == []                       # the same: reused
+    (tmp_path / "uoe.py").write_text("# other code\n")
+    monkeypatch.setattr(study, "REPO", tmp_path)                        # (train.py itself still runs from REPO)
+    monkeypatch.setattr(study, "CODE_FILES", ("uoe.py",))
+    assert study.main(argv) == 0 and len(calls()) == 1                   # other code: rerun
+    change_first_token(tmp_path / "data" / "tiny" / "val.bin")
+    assert study.main(argv) == 0 and len(calls()) == 1                   # another corpus: rerun
+    assert len(list((tmp_path / "runs").iterdir())) == 3
+
+
+def test_a_diverged_run_is_a_result_and_a_broken_one_a_one_line_error(micro):
+    args = study.parse_args(["quality", *micro])
+    args.fingerprint = FINGERPRINT
+    base = uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS})
+    spec = study.run_spec("uoe", base, 1e-3, 0, args)
+    spec["options"]["debug_nan_step"] = 2                          # train.py's testing aid
+    r, = study.run_all([spec], args, study.Progress(1, 1))
+    assert r["diverged"] and r["final_val"] is None
+    assert study.best_lr({1e-3: r["final_val"], 2e-3: 4.0}) == 2e-3
+    bad = study.run_spec("uoe", base, 1e-3, 1, args)
+    bad["options"]["n_head"] = 5                                   # 16 is not divisible by 5
+    with pytest.raises(study.UserError, match="train.py failed for uoe lr 0.001 seed 1 .exit 2.: invalid model"):
+        study.run_all([bad], args, study.Progress(1, 1))
+
+
+# ---- two commands sharing an out_dir -------------------------------------------------------------
+
+def test_a_run_claimed_by_another_command_is_waited_for_not_started_again(micro, capsys):
+    args = study.parse_args(["balance", *micro])
+    args.fingerprint = FINGERPRINT
+    base = uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS})
+    theirs, ours = (study.run_spec("uoe", base, 1e-3, s, args) for s in (0, 1))
+    held = study.claim(theirs["dir"])                              # the other command is running it
+    assert held is not None and study.claim(theirs["dir"]) is None
+
+    def other_command_finishes():
+        while not InProcess.calls:                                  # after our own run has started
+            time.sleep(0.01)
+        time.sleep(0.3)
+        study.write_json(Path(theirs["dir"]) / "result.json", dict(identity=theirs["identity"], final_val=1.5),
+                         quiet=True)
+        held.close()
+    t = threading.Thread(target=other_command_finishes)
+    t.start()
+    r_theirs, r_ours = study.run_all([theirs, ours], args, study.Progress(2, 1))
+    t.join()
+    assert InProcess.calls == [ours["dir"]]                        # theirs was not started a second time
+    assert r_theirs["final_val"] == 1.5 and r_ours["final_val"] > 0
+    assert "waiting for " + Path(theirs["dir"]).name in capsys.readouterr().out
+
+
+def test_a_claim_ends_with_its_holder(micro, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                               "import fcntl; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path / "claim.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    assert study.claim(tmp_path) is None
+    holder.kill()                                                  # the holder dies without cleaning up
+    holder.wait()
+    c = study.claim(tmp_path)
+    assert c is not None
+    c.close()
+
+
+def test_study_runs_train_py_in_a_subprocess(tmp_path, data):
+    """The real launcher: one run of `python train.py ...` (a few seconds)."""
+    assert study.main(["balance", *MICRO, "--data_dir", str(data), "--dataset", "tiny", "--out_dir", str(tmp_path),
+                       "--variants", "uoe", "--aux", "0", "--seeds", "1", "--lr", "1e-3"]) == 0
+    run, = (tmp_path / "runs").iterdir()
+    assert "done: 3 steps" in (run / "train.log").read_text()
+    assert json.loads((run / "result.json").read_text())["final_val"] > 0
