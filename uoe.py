@@ -574,7 +574,9 @@ def entropy(p, dim=-1):
 
 def routing_stats(r):
     """Load per expert (share of the N*K assignments), Ent_load, the confidence entropy of the
-    score softmax (mean over tokens) and, for UoE, the VSE's share of the output norm."""
+    score softmax (mean over tokens) and, for UoE, the VSE's share of the output norm. Computed in
+    float64 on the CPU (MPS has no float64; these are small tensors, read once per log step)."""
+    r = {k: v.cpu() for k, v in r.items()}
     E = r["scores"].size(-1)
     load = torch.bincount(r["topk_idx"].flatten(), minlength=E).double() / r["topk_idx"].numel()
     out = {"load": load.tolist(), "ent_load": entropy(load).item(),
