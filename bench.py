@@ -22,8 +22,8 @@ one variant's models (eager, compiled) at a time, freed before the next.
   GPU; CPU, the peak RSS of a fresh process running two eager steps minus its RSS after
   importing torch (weights, grads, AdamW state, activations and allocator slack).
 - FFN pieces (eager, layer 0 alone, forward + backward on random activations): the whole FFN;
-  its expert path (uoe.dispatch with the FFN's own routing, captured from a forward); its
-  always-on part (MoE's shared experts, UoE's virtual shared expert beyond scoring); scoring and
+  its chosen experts (the layer's chosen_experts on the choice a forward made); its always-on
+  part (MoE's shared experts, UoE's virtual shared expert beyond scoring); scoring and
   the rest (router / routing neurons, top-k, gates, aux loss) = FFN - experts - always-on; and a
   dense SwiGLU with the FLOPs of the expert path. Each part's share of time is next to its share
   of the FFN's FLOPs.
@@ -215,7 +215,7 @@ def compile_blocks(model):
     Why not torch.compile(model): with torch 2.13's inductor, a loss `ce + coef * zeros` whose
     `ce.detach()` is also kept (GPT.forward's last_ce; dense has no aux loss) comes back without
     a grad_fn; and for the routed variants dynamo skips GPT.forward anyway, because the graph
-    break at uoe.dispatch (which runs eagerly) falls inside its loop over blocks. Compiling the
+    break at uoe.dispatch_loop (which runs eagerly) falls inside its loop over blocks. Compiling the
     blocks treats all four variants alike."""
     for block in model.transformer.h:
         block.compile()
@@ -295,71 +295,63 @@ def time_call(fn, device):
     return time.perf_counter() - t
 
 
-def capture_dispatch(mlp, x):
-    """Run mlp(x) once and return the (args, kwargs) it passed to uoe.dispatch."""
-    seen = {}
-    real = uoe.dispatch
-
-    def spy(*a, **kw):
-        seen["call"] = (a, kw)
-        return real(*a, **kw)
-    uoe.dispatch = spy
-    try:
+def routed_pieces(mlp, x, ctx):
+    """{part: function} of a routed FFN's parts beyond scoring, each run on its own through the FFN's
+    methods, on inputs of their own (leaves: backward stops there): "experts", its chosen experts on the
+    choice of experts the FFN made in a forward; "shared", its always-on part (MoE's shared experts,
+    UoE's VSE beyond scoring: the hidden units h_i = a_i * x W_p^i and their W_o), where it has one."""
+    cfg, (B, T, C) = mlp.config, x.shape
+    x2 = x.detach().reshape(-1, C).requires_grad_()                              # (N, C)
+    with torch.no_grad(), ctx:
         mlp(x)
-    finally:
-        uoe.dispatch = real
-    return seen["call"]
-
-
-def shared_piece(mlp, cfg, x2):
-    """A function computing the always-on part of layer 0's FFN from its own weights, as the FFN
-    does: MoE's shared experts, UoE's virtual shared expert beyond its scoring (a_i * x W_p^i then
-    W_o: the routing activations a_i come in as an input); None when there is none."""
-    if cfg.ffn == "moe" and cfg.n_shared:
-        return lambda: uoe.swiglu(x2, mlp.shared_gate, mlp.shared_up, mlp.shared_down)
-    if cfg.ffn == "uoe" and cfg.vse:
-        E, R, C = cfg.n_expert, cfg.n_routing, cfg.n_embd
-        with torch.no_grad():
-            a = torch.nn.functional.silu(x2 @ mlp.routing_neurons(mlp.w_gate))
-        a = a.requires_grad_()
-        return lambda: (a * (x2 @ mlp.routing_neurons(mlp.w_up))) @ mlp.w_down[:, :R, :].reshape(E * R, C)
-    return None
+        dtype = uoe.compute_dtype(x2)                                            # bf16 under autocast
+    topk_idx = mlp.last_routing["topk_idx"]                                      # (N, K): the FFN's own choice
+    # the gates' values (and AoE's C_i's) do not change the work: any of the right shape will do
+    gates = torch.full(topk_idx.shape, 1 / cfg.top_k, device=x.device, requires_grad=True)   # (N, K)
+    if cfg.ffn == "moe":
+        parts = {"experts": lambda: mlp.chosen_experts(x2, topk_idx, gates)}
+        if cfg.n_shared:
+            parts["shared"] = lambda: mlp.shared_experts(x2)
+        return parts
+    if cfg.ffn == "aoe":
+        c = torch.randn(B * T, cfg.n_expert, cfg.d_low, device=x.device, dtype=dtype, requires_grad=True)
+        return {"experts": lambda: mlp.chosen_experts(x2, topk_idx, gates, c)}
+    with torch.no_grad(), ctx:
+        _, a = mlp.routing_activations(x2)                                       # (N, E, N_s), float32
+        h = mlp.routing_hidden(x2, a) if cfg.vse or cfg.route_score == "swiglu" else None
+    a_c, h_c = (None if t is None else t.detach().to(dtype).requires_grad_() for t in (a, h))   # as forward
+    parts = {"experts": lambda: mlp.chosen_experts(x2, topk_idx, gates, a_c, h_c)}
+    if cfg.vse:
+        a = a.detach().requires_grad_()
+        parts["shared"] = lambda: mlp.virtual_shared_expert(mlp.routing_hidden(x2, a))
+    return parts
 
 
 def ffn_pieces(run, args, reps):
-    """Eager fwd+bwd times of layer 0's FFN and of its parts: the expert path (uoe.dispatch with
-    the FFN's own routing), the always-on part (MoE's shared experts or UoE's VSE, see
-    shared_piece; all of a dense FFN), scoring and the rest (router / C_i / routing neurons,
-    top-k, gates, aux loss: FFN minus the other two), and a dense SwiGLU with the FLOPs of the
+    """Eager fwd+bwd times of layer 0's FFN and of its parts: the chosen experts and the always-on part
+    (routed_pieces; all of a dense FFN is always-on), scoring and the rest (router / C_i / routing
+    neurons, top-k, gates, aux loss: FFN minus the other two), and a dense SwiGLU with the FLOPs of the
     expert path. Returns medians in ms, each part's share of the FFN's time and of its FLOPs."""
     cfg, dev = run.config, args.device
     mlp = run.model.transformer.h[0].mlp
     B, T, C = args.batch_size, cfg.block_size, cfg.n_embd
     gen = torch.Generator(device="cpu").manual_seed(1)
-    x = (torch.randn(B, T, C, generator=gen)).to(dev).requires_grad_()
-    x2 = x.detach().reshape(-1, C).requires_grad_()
+    x = torch.randn(B, T, C, generator=gen).to(dev).requires_grad_()            # (B, T, C)
     ctx = autocast(args)
-    pieces = {"ffn": lambda: ctx_backward(ctx, lambda: mlp(x))}
+    pieces = {"ffn": lambda: mlp(x)}
     if cfg.ffn != "dense":
-        with ctx:
-            a, kw = capture_dispatch(mlp, x)
-        a = [t.detach().requires_grad_(t.is_floating_point()) if torch.is_tensor(t) else t for t in a]
-        kw = {k: t.detach().requires_grad_(t.is_floating_point()) if torch.is_tensor(t) else t for k, t in kw.items()}
+        pieces.update(routed_pieces(mlp, x, ctx))
+        x2 = x.detach().reshape(-1, C).requires_grad_()
         width = max(1, round(uoe.ffn_breakdown(cfg)["experts"] / (3 * C)))   # same FLOPs as the expert path
-        w = [(torch.randn(C, width, generator=gen) * 0.02).to(dev).requires_grad_(),
-             (torch.randn(C, width, generator=gen) * 0.02).to(dev).requires_grad_(),
-             (torch.randn(width, C, generator=gen) * 0.02).to(dev).requires_grad_()]
-        pieces["experts"] = lambda: ctx_backward(ctx, lambda: uoe.dispatch(*a, **kw))
-        pieces["dense_equiv"] = lambda: ctx_backward(ctx, lambda: uoe.swiglu(x2, *w))
-        shared = shared_piece(mlp, cfg, x2)
-        if shared is not None:
-            pieces["shared"] = lambda: ctx_backward(ctx, shared)
+        w = [(torch.randn(*shape, generator=gen) * 0.02).to(dev).requires_grad_()
+             for shape in ((C, width), (C, width), (width, C))]
+        pieces["dense_equiv"] = lambda: uoe.swiglu(x2, *w)
     for f in pieces.values():            # warm-up
-        f()
+        ctx_backward(ctx, f)
     times = {k: [] for k in pieces}
     for _ in range(reps):
         for k, f in pieces.items():
-            times[k].append(time_call(f, dev))
+            times[k].append(time_call(lambda: ctx_backward(ctx, f), dev))
     mlp.zero_grad(set_to_none=True)
     out = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
     fl = flops_breakdown(cfg)
@@ -607,7 +599,7 @@ def speed_table(res):
     ffn_rows = [r for r in res["rows"] if r["ffn"]]
     if ffn_rows:
         lines += ["", "FFN of layer 0 (eager, fwd+bwd, median ms; share of the FFN's time, and of its FLOPs): "
-                  "experts = uoe.dispatch; VSE/shared = UoE's virtual shared expert beyond scoring, MoE's shared "
+                  "experts = chosen_experts; VSE/shared = UoE's virtual shared expert beyond scoring, MoE's shared "
                   "experts, all of a dense FFN; scoring = router / C_i / routing neurons, top-k, gates, aux loss "
                   "(FFN minus the other two); dense equiv = a dense SwiGLU with the expert path's FLOPs.", "",
                   "| variant | FFN ms | scoring ms (time, FLOPs) | VSE/shared ms (time, FLOPs) | "

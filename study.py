@@ -395,8 +395,10 @@ def run_all(specs, args, progress):
                 running.remove(item)
                 s, p, log, c, t0 = item
                 log.close()
-                results[s["dir"]] = finish_run(s, p.returncode, time.time() - t0)
-                c.close()                            # the result is written: release the claim
+                try:
+                    results[s["dir"]] = finish_run(s, p.returncode, time.time() - t0)
+                finally:
+                    c.close()                        # the result is written (or the run failed): release the claim
                 progress.finished(s, results[s["dir"]])
     finally:
         for s, p, log, c, _ in running:             # interrupted or failed: stop our own runs
