@@ -25,17 +25,15 @@ dataset (sequences at evenly spaced offsets, the model's block_size long), route
   top 10% / 25% routing units, those with the largest mean a_ij^2 on training tokens (uniform: 10% / 25%).
 The unit sets U:
 - all: all D hidden units of the expert;
-- best: the R units (R = the checkpoint's n_routing, UoE's default D // E for an MoE; --n_units) that best
-  track the model's choice, chosen on training tokens (train.bin beside val.bin): per expert i, the units j
-  whose squared activation a_ij^2 = SiLU(x W_g^i)_j^2 (its part of the squared intensity) has the largest
-  Pearson correlation over tokens with the indicator that the model chose expert i for the token (a
-  point-biserial correlation: how well the unit alone separates the tokens routed to i from the others).
-  Units are judged one at a time, so R correlated units may say less together than R complementary ones:
-  on a uoe checkpoint, whose routing neurons would agree 100%, the criterion shows how far it falls short;
+- best: the R units (R = the checkpoint's n_routing, UoE's default D // E for an MoE; --n_units) whose
+  intensity best tracks the model's score, chosen on training tokens (train.bin beside val.bin): per
+  expert i, by greedy forward selection, each step adding the unit j that makes the squared intensity over
+  the chosen units, sum_j a_ij^2 with a_ij = SiLU(x W_g^i)_j, correlate best (Pearson, over the tokens) with
+  the score s_i. Greedy is not exhaustive: on a uoe checkpoint, whose routing neurons would agree 100%, it
+  shows how far it falls short (the JSON gives the share of the chosen units that are routing neurons);
 - rest (uoe only): the D - R units that are not routing neurons, which UoE's router never reads.
-For a uoe checkpoint the routing neurons' own intensity is its score, so its agreement would be 1 by
-construction; "all" and "rest" ask whether the other units say the same. The JSON also gives, for "best",
-the share of the chosen units that are routing neurons (how well the criterion finds them).
+For a uoe checkpoint the routing neurons' own intensity is its score, so their agreement would be 1 by
+construction; "all" and "rest" ask whether the other units say the same.
 """
 import os
 import sys
@@ -212,37 +210,61 @@ def spearman(a, b):
     return 1 - 6 * (ra - rb).square().sum(dim=-1) / (E * (E * E - 1))
 
 
-def pearson(s):
-    """Correlation, per expert and unit, of the squared activations with the choice indicator, from the sums
-    that choose_units accumulates."""
-    n = s["n"]
-    cov = s["xy"] / n - (s["x"] / n) * (s["y"] / n).unsqueeze(-1)          # (E, D)
-    var_x = s["xx"] / n - (s["x"] / n).square()
-    var_y = s["yy"] / n - (s["y"] / n).square()                            # (E,)
-    return cov / (var_x * var_y.unsqueeze(-1)).clamp_min(1e-30).sqrt()     # dead units: 0
+def add_unit_stats(acc, sq, score):
+    """Add a batch to the running sums (float64) from which greedy_units works: sq (N, E, D) the squared unit
+    activations a_ij^2, score (N, E) the model's scores s_i. acc: a dict, empty at first."""
+    sq, score = sq.double(), score.double()
+    per_expert = sq.transpose(0, 1)                                      # (E, N, D)
+    for key, value in (("n", sq.shape[0]), ("x", sq.sum(0)), ("y", score.sum(0)), ("yy", score.square().sum(0)),
+                       ("xy", (sq * score.unsqueeze(-1)).sum(0)),
+                       ("xx", per_expert.transpose(1, 2) @ per_expert)):  # (E, D, D)
+        acc[key] = acc.get(key, 0) + value
+    return acc
+
+
+def greedy_units(acc, n_units):
+    """(E, n_units) units per expert by greedy forward selection: each step adds the unit that makes the sum of
+    a_ij^2 over the chosen units j (the squared intensity over them) correlate best, over the tokens, with s_i
+    (Pearson). From the sums of add_unit_stats: cov(sum_S x_j, y) = sum_S cov(x_j, y), var = sum_S,S cov."""
+    n = acc["n"]
+    mean_x, mean_y = acc["x"] / n, acc["y"] / n                          # (E, D), (E,)
+    cov_xx = acc["xx"] / n - mean_x.unsqueeze(-1) * mean_x.unsqueeze(-2)   # (E, D, D)
+    cov_xy = acc["xy"] / n - mean_x * mean_y.unsqueeze(-1)               # (E, D)
+    var_y = (acc["yy"] / n - mean_y.square()).clamp_min(1e-30)           # (E,)
+    E, D = cov_xy.shape
+    rows = torch.arange(E, device=cov_xy.device)
+    cov_sum = torch.zeros(E, dtype=cov_xy.dtype, device=cov_xy.device)  # cov(sum over S, y)
+    var_sum = torch.zeros_like(cov_sum)                                  # var(sum over S)
+    cross = torch.zeros_like(cov_xy)                                     # (E, D) cov(x_j, sum over S)
+    taken = torch.zeros(E, D, dtype=torch.bool, device=cov_xy.device)
+    chosen = []
+    for _ in range(n_units):
+        var = (var_sum.unsqueeze(-1) + 2 * cross + cov_xx.diagonal(dim1=1, dim2=2)).clamp_min(1e-30)
+        r = (cov_sum.unsqueeze(-1) + cov_xy) / (var * var_y.unsqueeze(-1)).sqrt()   # (E, D) with unit j added
+        j = r.masked_fill(taken, -float("inf")).argmax(dim=-1)           # (E,)
+        cov_sum += cov_xy[rows, j]
+        var_sum += 2 * cross[rows, j] + cov_xx[rows, j, j]
+        cross += cov_xx[rows, :, j]
+        taken[rows, j] = True
+        chosen.append(j)
+    return torch.stack(chosen, dim=-1)                                   # (E, n_units) in the order chosen
 
 
 @torch.no_grad()
 def choose_units(model, idx, n_units, batch_size):
     """On training windows idx (n, T+1), per routed layer: the mean a^2 (E, D) and the 'best' units (E, n_units)
-    by the correlation of a_ij^2 with the model's choice of expert i (module docstring)."""
+    (greedy_units against the model's scores; module docstring)."""
     sums = {}
 
     def ffn(layer, mlp, u):
         y = mlp(u)
-        x = u.reshape(-1, u.shape[-1])
-        sq = unit_activations(mlp, x).double().square()                  # (N, E, D)
-        chosen = torch.zeros_like(sq[:, :, 0]).scatter_(1, mlp.last_routing["topk_idx"], 1.0)   # (N, E) 1: i chosen
-        acc = sums.setdefault(layer, {k: 0.0 for k in ("n", "x", "xx", "y", "yy", "xy")})
-        for k, v in (("n", len(x)), ("x", sq.sum(0)), ("xx", sq.square().sum(0)), ("y", chosen.sum(0)),
-                     ("yy", chosen.square().sum(0)), ("xy", (sq * chosen.unsqueeze(-1)).sum(0))):
-            acc[k] = acc[k] + v
+        sq = unit_activations(mlp, u.reshape(-1, u.shape[-1])).square()  # (N, E, D)
+        add_unit_stats(sums.setdefault(layer, {}), sq, mlp.last_routing["scores"])
         return y
 
     for xb in idx[:, :-1].split(batch_size):
         forward(model, xb.to(next(model.parameters()).device), ffn)
-    return {layer: {"mean_sq": s["x"] / s["n"], "best": pearson(s).topk(n_units, dim=-1).indices}
-            for layer, s in sums.items()}
+    return {layer: {"mean_sq": s["x"] / s["n"], "best": greedy_units(s, n_units)} for layer, s in sums.items()}
 
 
 @torch.no_grad()
@@ -402,9 +424,10 @@ def figure(results):
                    hatch=hatches[name], edgecolor="white", label=label)
     for run, r in results:
         ax_o.axhline(r["chance_overlap"], color=run.color, linestyle=":", linewidth=1.2)
-    ax_o.set_title("top-K overlap of the intensity's choice with the model's (dotted: chance K/E)", fontsize="medium")
+    ax_o.set_title("top-K overlap of the intensity's choice with the model's\n(dotted: chance K/E)", fontsize="medium")
     ax_o.set_ylim(0, 1)
-    ax_r.set_title("Spearman rho of intensities with the model's scores, per token", fontsize="medium")
+    ax_r.set_title("Spearman rho of the E intensities with the model's E scores\n(mean over tokens; chance 0)",
+                   fontsize="medium")
     ax_r.axhline(0, color="0.5", linewidth=0.8)
     ax_r.set_ylim(min(0, *ax_r.get_ylim()), 1)
     losses = [(run, r, s) for run, r in results for s in list(r["layers"][0]["agreement"]) + ["random"]]
@@ -417,8 +440,8 @@ def figure(results):
     ax_l.set_yscale("symlog", linthresh=0.01)
     ax_l.axhline(0, color="0.5", linewidth=0.8)
     ax_l.set_xticks(range(n_layer + 1), [str(i) for i in range(n_layer)] + ["every"])
-    ax_l.set_title("validation loss minus the model's own when the layer chooses its experts by intensity "
-                   "or at random", fontsize="medium")
+    ax_l.set_title("validation loss minus the model's own, when the layer (or every layer)\n"
+                   "chooses its experts by intensity or at random", fontsize="medium")
     ax_l.set_ylabel("Δ loss (nats/token, symlog)")
     uoe_runs = [(run, r) for run, r in results if r["ffn"] == "uoe"]
     for j, (run, r) in enumerate(uoe_runs):

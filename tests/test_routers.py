@@ -135,6 +135,22 @@ def test_uoe_concentration_one_live_routing_unit_and_uniform_units():
     assert set(r["layers"][0]["agreement"]) == {"all", "best", "rest"}
 
 
+def test_greedy_units_finds_the_set_whose_squared_intensity_is_the_score():
+    """s_i = a_i7^2 + a_i2^2 + a_i5^2, independent units, unit 7 the strongest, and unit 8 a near copy of unit 7:
+    alone it tracks s_i better than units 2 and 5, but together with 7 it adds nothing. The greedy selection of the
+    set, fed in two batches, finds {7 or 8, 2, 5}; ranking the units one by one would take {7, 8, ...}."""
+    g = torch.Generator().manual_seed(0)
+    sq = torch.rand(4000, 2, 10, generator=g).square()                  # (N, E, D) a^2
+    sq[:, :, 7] *= 3
+    sq[:, :, 8] = sq[:, :, 7] + 0.01 * torch.rand(4000, 2, generator=g)
+    score = sq[:, :, 7] + sq[:, :, 2] + sq[:, :, 5]                     # (N, E)
+    acc = {}
+    for part in (slice(0, 1500), slice(1500, 4000)):
+        routers.add_unit_stats(acc, sq[part], score[part])
+    for row in routers.greedy_units(acc, 3).tolist():   # 7 or its copy 8 (which one is sampling noise), 2, 5
+        assert sorted(row) in ([2, 5, 7], [2, 5, 8])
+
+
 def test_spearman_and_overlap_on_known_rankings():
     a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
     b = torch.tensor([[10.0, 20.0, 30.0, 40.0], [4.0, 3.0, 2.0, 1.0]])
