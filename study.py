@@ -805,15 +805,16 @@ def preset_list(s):
     return variant_list(s, tuple(PRESETS))
 
 
-# Run times: the CPU time of one UoE run on one thread, at 100 and at 200 steps (each 100 steps with its eval),
-# extrapolated linearly to the preset's steps; on a machine with no other load that is also its wall time.
+# Run times, measured: the CPU time of one UoE and one MoE run on one thread, at 100 and at 200 steps (each 100
+# steps with its eval), extrapolated as T(100) + (steps/100 - 1) (T(200) - T(100)); on a core with nothing else
+# to do that is its wall time (the wall time here, on 2 cores shared at a load of 3-7, was 1.6-3.8 times it).
 HELP = {
     "quality": "val loss of dense, MoE, MoE + shared expert, (AoE) and UoE at matched active FLOPs: a learning-"
                "rate sweep on held-out seed 1000, then every reported seed afresh at each variant's best lr; "
                "paired differences with 95% t intervals. Preset cpu: 45 runs (5 variants x (4 lrs + 5 seeds)) of "
-               "about 50 s each on one idle core: about 20 min, 2 at a time on 2 idle cores. Preset train: 32 runs "
-               "(4 x (3 + 5)) of about 11.5 min each: about 3 h 5 min on 2 idle cores. On a shared machine, "
-               "2-3 times that",
+               "40 (MoE) to 50 s (UoE) each on one core: about 17 min, 2 at a time on 2 idle cores. Preset train: "
+               "32 runs (4 x (3 + 5)) of 11.5 (UoE) to 14 min (MoE) each: about 3.5 h on 2 idle cores. On a "
+               "shared machine, 2-3 times that",
     "ablate": "the paper's UoE ablations (no VSE, output twice, score pre/swiglu, norm 1/inf, n_routing halved/"
               "doubled) against the full UoE, paired by seed, at UoE's best lr from quality; cpu: 45 runs of about "
               "50 s (the 5 full-UoE ones are quality's when it ran first)",
