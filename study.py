@@ -612,7 +612,7 @@ def study_report(args):
         headline[p] = {k: q["comparisons"][k] for k in ("uoe − moe", "moe − dense") if k in q["comparisons"]}
         lines += [f"## Budget `{p}`: {budget(q)}; lr chosen on held-out seed(s) {q['sweep_seeds']}; {q['runs']} "
                   f"runs, {fmt_duration(q['run_seconds'])} per run", ""]
-        lines += [f"- **{k}**: {sentence(k, d)}" for k, d in headline[p].items()]
+        lines += [f"- {sentence(k, d)}" for k, d in headline[p].items()]
         lines += ["", quality_table(q), ""]
         try:
             ab = json.loads((Path(args.out_dir) / f"ablate_{p}.json").read_text())
@@ -632,10 +632,9 @@ def study_report(args):
 def sentence(name, d):
     """One sentence: a paired difference with its interval and its verdict."""
     if d["ci"] is None:
-        return f"{name} = {fmt_pm(d['mean'], None)} over {d['n']} seed(s): no interval."
+        return f"**{name}** = {fmt_pm(d['mean'], None)} over {d['n']} seed(s): no interval."
     a, b = name.split(" − ")
-    return (f"{name} = {d['mean']:+.4f} (95% CI {fmt_ci(d)}, {d['n']} paired seeds): "
-            f"{verdict(d, a, b)}.")
+    return f"**{name}** = {d['mean']:+.4f} (95% CI {fmt_ci(d)}, {d['n']} paired seeds): {verdict(d, a, b)}."
 
 
 # -----------------------------------------------------------------------------

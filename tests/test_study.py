@@ -258,7 +258,7 @@ def test_the_study_selects_on_held_out_seeds_and_reports_fresh_runs(micro, tmp_p
     # the report: headline sentences, the tables, the figure, for the budgets found
     assert study.main(["report", "--out_dir", str(tmp_path)]) == 0
     md = (tmp_path / "study_report.md").read_text()
-    assert "## Budget `cpu`" in md and "**uoe − moe**: uoe − moe = " in md and "95% CI" in md
+    assert "## Budget `cpu`" in md and "- **uoe − moe** = " in md and "95% CI" in md
     assert "| no_vse | vse=False |" in md and "![" in md and "`train`" not in md
     rep = json.loads((tmp_path / "study_report.json").read_text())
     assert rep["headline"]["cpu"]["uoe − moe"] == res["comparisons"]["uoe − moe"]
