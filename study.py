@@ -390,8 +390,10 @@ def run_all(specs, args, progress):
                     continue
                 log = open(Path(s["dir"]) / "train.log", "w")
                 running.append((s, launch(s, env, log, c), log, c, time.time()))
-            time.sleep(0.2)
-            for item in [r for r in running if r[1].poll() is not None]:
+            finished = [r for r in running if r[1].poll() is not None]
+            if not finished:
+                time.sleep(0.2)
+            for item in finished:
                 running.remove(item)
                 s, p, log, c, t0 = item
                 log.close()
