@@ -321,18 +321,22 @@ def test_a_run_claimed_by_another_command_is_waited_for_not_started_again(micro,
     assert "waiting for " + Path(theirs["dir"]).name in capsys.readouterr().out
 
 
-def test_a_claim_ends_with_its_holder(micro, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
-                               "import fcntl; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-                               "print('held', flush=True); time.sleep(60)", str(tmp_path / "claim.lock")],
-                              stdout=subprocess.PIPE, text=True)
+def test_a_claim_ends_with_its_holder(micro):
+    """A command killed mid-run leaves its claim file behind, but not its lock: the run is started again."""
+    args = study.parse_args(["balance", *micro])
+    args.fingerprint = FINGERPRINT
+    spec = study.run_spec("uoe", uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
+                          1e-3, 0, args)
+    Path(spec["dir"]).mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(Path(spec["dir"]) / "claim.lock")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
-    assert study.claim(tmp_path) is None
+    assert study.claim(spec["dir"]) is None
     holder.kill()                                                  # the holder dies without cleaning up
     holder.wait()
-    c = study.claim(tmp_path)
-    assert c is not None
-    c.close()
+    r, = study.run_all([spec], args, study.Progress(1, 1))
+    assert InProcess.calls == [spec["dir"]] and r["final_val"] > 0
 
 
 def test_study_runs_train_py_in_a_subprocess(tmp_path, data):
