@@ -143,8 +143,15 @@ def parse_args(argv):
     args = build_parser().parse_args(argv)
     if args.command is None:
         raise UserError("no command; run python bench.py speed (or python study.py quality, ablate, balance)")
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
+    return settle(args, PRESETS[args.preset], "bench_speed.json")
+
+
+def settle(args, preset, json_name):
+    """bench's and study's options, completed: preset defaults where the command line left them out, --device
+    auto resolved, OUT_DIR and the JSON's folder made now rather than after minutes of runs. A device or dtype
+    this machine cannot give is a UserError."""
+    for k, v in preset.items():
+        if getattr(args, k, 0) is None:
             setattr(args, k, v)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,14 +161,17 @@ def parse_args(argv):
         raise UserError("--preset gpu needs a CUDA GPU; use --preset cpu")
     if args.dtype == "bfloat16" and args.device != "cuda":
         raise UserError("--dtype bfloat16 (autocast) is for CUDA here; use --dtype float32 on CPU")
-    if args.json is None:
-        args.json = str(Path(args.out_dir) / "bench_speed.json")
-    try:   # fail now, not after minutes of benchmarking
-        for folder in {Path(args.out_dir), Path(args.json).parent}:
-            folder.mkdir(parents=True, exist_ok=True)
+    args.json = args.json or str(Path(args.out_dir) / json_name)
+    make_folders(args.out_dir, Path(args.json).parent)
+    return args
+
+
+def make_folders(*folders):
+    try:
+        for folder in folders:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {e.filename} ({e.strerror}); choose another --out_dir / --json") from None
-    return args
 
 
 # -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench import REPO, Parser, cli, cpu_name, positive_float, positive_int, variant_list, write_json
+from bench import REPO, Parser, cli, cpu_name, positive_float, positive_int, settle, variant_list, write_json
 from train import TrainConfig, UserError
 from uoe import GPTConfig, flops_per_token, match_config, param_counts
 
@@ -891,30 +891,13 @@ def parse_args(argv):
     args = build_parser().parse_args(argv)
     if args.command is None:
         raise UserError("no command; run python study.py quality, ablate, balance or report")
-    if args.command != "report":
-        for k, v in PRESETS[args.preset].items():
-            if getattr(args, k, 0) is None:
-                setattr(args, k, v)
-        if args.warmup_steps < 0:
-            raise UserError("--warmup_steps must be >= 0")
-        if args.seeds > SWEEP_SEED:
-            raise UserError(f"--seeds must be <= {SWEEP_SEED}: seeds from {SWEEP_SEED} on are the sweep's")
-        if args.device == "auto":
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda but torch sees no CUDA GPU; use --device cpu")
-        if args.preset == "gpu" and args.device != "cuda":
-            raise UserError("--preset gpu needs a CUDA GPU; use --preset cpu or train")
-        if args.dtype == "bfloat16" and args.device != "cuda":
-            raise UserError("--dtype bfloat16 (autocast) is for CUDA here; use --dtype float32 on CPU")
-        if args.json is None:
-            args.json = str(Path(args.out_dir) / f"{args.command}_{args.preset}.json")
-    try:   # fail now, not after hours of runs
-        for folder in {Path(args.out_dir), Path(getattr(args, "json", args.out_dir)).parent}:
-            folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {e.filename} ({e.strerror}); choose another --out_dir / --json") from None
-    return args
+    if args.command == "report":
+        return args
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise UserError("--warmup_steps must be >= 0")
+    if args.seeds is not None and args.seeds > SWEEP_SEED:
+        raise UserError(f"--seeds must be <= {SWEEP_SEED}: seeds from {SWEEP_SEED} on are the sweep's")
+    return settle(args, PRESETS[args.preset], f"{args.command}_{args.preset}.json")
 
 
 def main(argv=None):
