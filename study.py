@@ -743,7 +743,8 @@ def plot_budgets(results, path):
         for i, (a, b) in enumerate(COMPARISONS[:2]):
             if a not in res["variants"] or b not in res["variants"]:
                 continue
-            g = [x for x in gap_curve(res["variants"][a]["curves"], res["variants"][b]["curves"])[1:] if x[2]]
+            g = gap_curve(res["variants"][a]["curves"], res["variants"][b]["curves"])[1:]
+            g = [x for x in g if x[2] is not None]                    # an interval needs 2 seeds
             if g:
                 x, m, half = zip(*g)
                 x = [t / 1e6 for t in x]
@@ -753,10 +754,10 @@ def plot_budgets(results, path):
         ax2.axhline(0, color="k", lw=0.8)
         ax2.set(xlabel="tokens seen (M)", ylabel="val loss difference (band: 95% CI)",
                 title="paired differences (below 0: the first is better)")
-        for a in (ax, ax2):
-            a.grid(alpha=0.3)
-            if a.get_legend_handles_labels()[0]:
-                a.legend(fontsize=8)
+        for axis in (ax, ax2):
+            axis.grid(alpha=0.3)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=8)
     return save_figure(fig, path)
 
 
