@@ -467,10 +467,10 @@ def budget(st):
             f"{st['threads'] or 'all'} thread(s) each, {st['machine']}")
 
 
-def run_specs(specs, args):
+def run_specs(specs, args, progress=None):
     """run_all over a dict of spec lists, seeds interleaved across its keys; returns {run dir: result}."""
     flat = [x[i] for i in range(max(map(len, specs.values()))) for x in specs.values() if i < len(x)]
-    return {s["dir"]: r for s, r in zip(flat, run_all(flat, args, Progress(len(flat), args.jobs)))}
+    return {s["dir"]: r for s, r in zip(flat, run_all(flat, args, progress or Progress(len(flat), args.jobs)))}
 
 
 # -----------------------------------------------------------------------------
@@ -484,7 +484,8 @@ def quality(args):
     t0 = time.time()
     sweep = {v: [run_spec(v, configs[v], lr, s, args, "sweep") for lr in args.lrs for s in sweep_seeds(args)]
              for v in args.variants}
-    done = run_specs(sweep, args)
+    progress = Progress(len(args.variants) * (len(args.lrs) * args.sweep_seeds + args.seeds), args.jobs)
+    done = run_specs(sweep, args, progress)
     rows, best = {}, {}
     for v in args.variants:
         per_lr = {lr: [done[s["dir"]]["final_val"] for s in sweep[v] if s["lr"] == lr] for lr in args.lrs}
@@ -496,7 +497,7 @@ def quality(args):
                        best_at_edge=len(args.lrs) > 1 and best[v] in (min(args.lrs), max(args.lrs)),
                        sweep_runs=[Path(s["dir"]).name for s in sweep[v]])
     specs = {v: [run_spec(v, configs[v], best[v], s, args) for s in range(args.seeds)] for v in args.variants}
-    done = run_specs(specs, args)
+    done = run_specs(specs, args, progress)
     for v in args.variants:
         rows[v].update(seed_summary(specs[v], done))
     comparisons = {f"{a} − {b}": paired_difference(rows[a]["val_per_seed"], rows[b]["val_per_seed"])
