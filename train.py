@@ -37,7 +37,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -113,6 +113,7 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # options: defaults <- config file <- --key=value
 
+@cache   # inspect.getsource parses the whole module: ~50 ms, once per class is enough
 def field_comments(cls):
     """The `# comment` after each field of a dataclass's source: the --help text of that option."""
     try:
@@ -126,7 +127,7 @@ def option_table(classes=(TrainConfig, GPTConfig)):
     train.py's: every training and model option); the help is the field's `# comment`."""
     table = {}
     for cls in classes:
-        comments = field_comments(cls)
+        comments = dict(field_comments(cls))   # a copy: the cached dict stays as the source says
         if cls is GPTConfig:
             comments |= {k: f"{comments[k]}; {note}" if comments.get(k) else note for k, note in MODEL_HELP.items()}
         for f in fields(cls):
