@@ -187,10 +187,7 @@ def choose(scheme, mlp, x, units, reference, gen):
 
 def reference_score(mlp, x, scores):
     """What a random choice's gates are computed from: moe, the intensity of all D units; uoe, its own score."""
-    if isinstance(mlp, uoe.UoEFFN):
-        return scores
-    a = unit_activations(mlp, x)
-    return a.norm(dim=-1)
+    return scores if isinstance(mlp, uoe.UoEFFN) else unit_activations(mlp, x).norm(dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -422,8 +419,8 @@ def figure(results):
         for ax, key in ((ax_o, "overlap"), (ax_r, "spearman")):
             ax.bar(xs, [row["agreement"][name][key] for row in r["layers"]], width, color=run.color,
                    hatch=hatches[name], edgecolor="white", label=label)
-    for run, r in results:
-        ax_o.axhline(r["chance_overlap"], color=run.color, linestyle=":", linewidth=1.2)
+    for chance in sorted({r["chance_overlap"] for _, r in results}):
+        ax_o.axhline(chance, color="0.3", linestyle=":", linewidth=1.2)
     ax_o.set_title("top-K overlap of the intensity's choice with the model's\n(dotted: chance K/E)", fontsize="medium")
     ax_o.set_ylim(0, 1)
     ax_r.set_title("Spearman rho of the E intensities with the model's E scores\n(mean over tokens; chance 0)",
