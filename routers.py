@@ -31,7 +31,10 @@ The unit sets U:
   the chosen units, sum_j a_ij^2 with a_ij = SiLU(x W_g^i)_j, correlate best (Pearson, over the tokens) with
   the score s_i. Greedy is not exhaustive: on a uoe checkpoint, whose routing neurons would agree 100%, it
   shows how far it falls short (the JSON gives the share of the chosen units that are routing neurons);
-- rest (uoe only): the D - R units that are not routing neurons, which UoE's router never reads.
+- rest (uoe only): the D - R units that are not routing neurons, which UoE's router never reads;
+- control (agreement only): 'best' chosen the same way from the units of random gate weights (N(0, sigma^2),
+  sigma the std of the layer's W_g, fixed by --seed) instead of the expert's own: what the selection of R
+  units out of D gives by itself, with no training behind the units.
 For a uoe checkpoint the routing neurons' own intensity is its score, so their agreement would be 1 by
 construction; "all" and "rest" ask whether the other units say the same.
 """
@@ -131,10 +134,22 @@ def forward(model, idx, ffn):
     return model.lm_head(tr.ln_f(x))
 
 
-def unit_activations(mlp, x):
-    """a = SiLU(x W_g^i) of every hidden unit of every expert, (N, E, D), in >= float32 like routing scores."""
-    E, C, D = mlp.w_gate.shape
-    return F.silu(uoe.routing_matmul(x, mlp.w_gate.transpose(0, 1).reshape(C, E * D))).view(-1, E, D)
+def unit_activations(mlp, x, w_gate=None):
+    """a = SiLU(x W_g^i) of every hidden unit of every expert, (N, E, D), in >= float32 like routing scores;
+    w_gate (E, C, D): other gate weights than the layer's (the control)."""
+    w_gate = mlp.w_gate if w_gate is None else w_gate
+    E, C, D = w_gate.shape
+    return F.silu(uoe.routing_matmul(x, w_gate.transpose(0, 1).reshape(C, E * D))).view(-1, E, D)
+
+
+def control_weights(model, seed):
+    """layer -> random gate weights (E, C, D) for the control: N(0, sigma^2), sigma the std of the layer's W_g."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, block in enumerate(model.transformer.h):
+        w = block.mlp.w_gate
+        out[layer] = (torch.randn(w.shape, generator=g, dtype=w.dtype) * w.std().item()).to(w.device)
+    return out
 
 
 def intensity(a, units):
@@ -248,26 +263,31 @@ def greedy_units(acc, n_units):
 
 
 @torch.no_grad()
-def choose_units(model, idx, n_units, batch_size):
-    """On training windows idx (n, T+1), per routed layer: the mean a^2 (E, D) and the 'best' units (E, n_units)
-    (greedy_units against the model's scores; module docstring)."""
+def choose_units(model, idx, n_units, batch_size, controls):
+    """On training windows idx (n, T+1), per routed layer: the mean a^2 (E, D), the 'best' units (E, n_units)
+    (greedy_units against the model's scores; module docstring), and the same selection from the units of
+    the random gate weights controls[layer] ("control")."""
     sums = {}
 
     def ffn(layer, mlp, u):
         y = mlp(u)
-        sq = unit_activations(mlp, u.reshape(-1, u.shape[-1])).square()  # (N, E, D)
-        add_unit_stats(sums.setdefault(layer, {}), sq, mlp.last_routing["scores"])
+        x = u.reshape(-1, u.shape[-1])
+        for name, w_gate in (("best", None), ("control", controls[layer])):
+            sq = unit_activations(mlp, x, w_gate).square()               # (N, E, D)
+            add_unit_stats(sums.setdefault(layer, {}).setdefault(name, {}), sq, mlp.last_routing["scores"])
         return y
 
     for xb in idx[:, :-1].split(batch_size):
         forward(model, xb.to(next(model.parameters()).device), ffn)
-    return {layer: {"mean_sq": s["x"] / s["n"], "best": greedy_units(s, n_units)} for layer, s in sums.items()}
+    return {layer: {"mean_sq": s["best"]["x"] / s["best"]["n"], "best": greedy_units(s["best"], n_units),
+                    "control": greedy_units(s["control"], n_units)} for layer, s in sums.items()}
 
 
 @torch.no_grad()
-def agreement(model, idx, chosen, batch_size):
-    """On validation windows: per layer, for each unit set, the mean top-K overlap and Spearman correlation
-    with the model's scores; the sums of a^2 per expert and unit (E, D); and the model's own loss."""
+def agreement(model, idx, chosen, controls, batch_size):
+    """On validation windows: per layer, for each unit set and the control, the mean top-K overlap and
+    Spearman correlation with the model's scores; the sums of a^2 per expert and unit (E, D); and the
+    model's own loss."""
     device = next(model.parameters()).device
     acc, losses = {}, []
 
@@ -279,8 +299,9 @@ def agreement(model, idx, chosen, batch_size):
         layer_acc = acc.setdefault(layer, {"n": 0, "sq": 0.0})
         layer_acc["n"] += len(x)
         layer_acc["sq"] = layer_acc["sq"] + a.double().square().sum(0)
-        for name, units in unit_sets(mlp, chosen[layer]["best"]).items():
-            s = intensity(a, units)
+        sets = {name: intensity(a, units) for name, units in unit_sets(mlp, chosen[layer]["best"]).items()}
+        sets["control"] = intensity(unit_activations(mlp, x, controls[layer]), chosen[layer]["control"])
+        for name, s in sets.items():
             m = layer_acc.setdefault(name, {"overlap": 0.0, "spearman": 0.0})
             m["overlap"] += top_overlap(s.topk(mlp.config.top_k, dim=-1).indices, own_idx, s.shape[1]).sum().item()
             m["spearman"] += spearman(s, scores).sum().item()
@@ -341,9 +362,10 @@ def measure(model, train_idx, val_idx, n_units=None, batch_size=8, seed=1337):
     R = n_units or cfg.n_routing
     if R > cfg.expert_hidden:
         raise UserError(f"--n_units={R} is more than the experts' {cfg.expert_hidden} hidden units")
-    chosen = choose_units(model, train_idx, R, batch_size)
-    agree, sq_val, own_loss = agreement(model, val_idx, chosen, batch_size)
-    schemes = list(agree[0]) + ["random"]
+    controls = control_weights(model, seed)
+    chosen = choose_units(model, train_idx, R, batch_size, controls)
+    agree, sq_val, own_loss = agreement(model, val_idx, chosen, controls, batch_size)
+    schemes = [name for name in agree[0] if name != "control"] + ["random"]
     layers = list(range(cfg.n_layer))
     out = dict(ffn=cfg.ffn, n_expert=cfg.n_expert, top_k=cfg.top_k, expert_hidden=cfg.expert_hidden, n_units=R,
                n_routing=cfg.n_routing if cfg.ffn == "uoe" else None, chance_overlap=cfg.top_k / cfg.n_expert,
@@ -353,6 +375,7 @@ def measure(model, train_idx, val_idx, n_units=None, batch_size=8, seed=1337):
     for layer in layers:
         best = chosen[layer]["best"]
         row = dict(layer=layer, agreement=agree[layer], best_units=best.tolist(),
+                   control_units=chosen[layer]["control"].tolist(),
                    loss={s: loss_with(model, val_idx, {layer}, s, chosen, batch_size, seed) for s in schemes})
         if cfg.ffn == "uoe":
             row["best_in_routing"] = (best < cfg.n_routing).double().mean().item()
@@ -367,13 +390,12 @@ def measure(model, train_idx, val_idx, n_units=None, batch_size=8, seed=1337):
 def unit_label(name, result):
     D, R = result["expert_hidden"], result["n_units"]
     return {"all": f"all {D}", "best": f"best {R}", "rest": f"rest {D - (result['n_routing'] or 0)}",
-            "random": "random"}[name]
+            "control": f"best {R} of random W_g", "random": "random"}[name]
 
 
 def table(label, r):
     """The terminal table of one run's result."""
-    names = list(r["layers"][0]["agreement"])
-    schemes = names + ["random"]
+    names, schemes = list(r["layers"][0]["agreement"]), list(r["layers"][0]["loss"])
     own_name = "router" if r["ffn"] == "moe" else "own score"
     head = (["layer"] + [f"overlap {unit_label(n, r)}" for n in names] + [f"rho {unit_label(n, r)}" for n in names]
             + [f"loss {own_name}"] + [f"loss {unit_label(s, r)}" for s in schemes])
@@ -409,7 +431,7 @@ def figure(results):
     chooses by intensity / at random, and uoe's concentration. results: [(run, result)]."""
     fig = plot.new_figure(13, 8.5)
     (ax_o, ax_r), (ax_l, ax_c) = fig.subplots(2, 2)
-    hatches = {"all": "", "best": "//", "rest": "..", "random": "xx"}
+    hatches = {"all": "", "best": "//", "control": "--", "rest": "..", "random": "xx"}
     n_layer = max(len(r["layers"]) for _, r in results)
     bars = [(run, r, name) for run, r in results for name in r["layers"][0]["agreement"]]
     width = 0.8 / max(1, len(bars))
@@ -418,16 +440,18 @@ def figure(results):
         label = f"{run.label}: {unit_label(name, r)}"
         for ax, key in ((ax_o, "overlap"), (ax_r, "spearman")):
             ax.bar(xs, [row["agreement"][name][key] for row in r["layers"]], width, color=run.color,
-                   hatch=hatches[name], edgecolor="white", label=label)
+                   hatch=hatches[name], edgecolor="white", label=label, alpha=0.5 if name == "control" else 1)
     for chance in sorted({r["chance_overlap"] for _, r in results}):
         ax_o.axhline(chance, color="0.3", linestyle=":", linewidth=1.2)
     ax_o.set_title("top-K overlap of the intensity's choice with the model's\n(dotted: chance K/E)", fontsize="medium")
-    ax_o.set_ylim(0, 1)
-    ax_r.set_title("Spearman rho of the E intensities with the model's E scores\n(mean over tokens; chance 0)",
-                   fontsize="medium")
+    ax_o.set_ylim(0, 1.5)                          # room for the legend above the bars
+    ax_o.set_yticks(np.linspace(0, 1, 6))
+    ax_o.legend(fontsize="x-small", ncol=2, loc="upper center")
+    ax_r.set_title("Spearman rho of the E intensities with the model's E scores\n"
+                   "(mean over tokens; chance 0; bars as on the left)", fontsize="medium")
     ax_r.axhline(0, color="0.5", linewidth=0.8)
     ax_r.set_ylim(min(0, *ax_r.get_ylim()), 1)
-    losses = [(run, r, s) for run, r in results for s in list(r["layers"][0]["agreement"]) + ["random"]]
+    losses = [(run, r, s) for run, r in results for s in r["layers"][0]["loss"]]
     width = 0.8 / max(1, len(losses))
     for i, (run, r, s) in enumerate(losses):
         xs = np.arange(len(r["layers"]) + 1) + (i - (len(losses) - 1) / 2) * width
@@ -435,6 +459,8 @@ def figure(results):
         ax_l.bar(xs, ys, width, color=run.color, hatch=hatches[s], edgecolor="white",
                  label=f"{run.label}: {unit_label(s, r)}")
     ax_l.set_yscale("symlog", linthresh=0.01)
+    ax_l.set_ylim(top=ax_l.get_ylim()[1] * 30)    # room for the legend above the bars
+    ax_l.legend(fontsize="x-small", ncol=2, loc="upper center")
     ax_l.axhline(0, color="0.5", linewidth=0.8)
     ax_l.set_xticks(range(n_layer + 1), [str(i) for i in range(n_layer)] + ["every"])
     ax_l.set_title("validation loss minus the model's own, when the layer (or every layer)\n"
@@ -458,11 +484,11 @@ def figure(results):
         ax_c.text(0.5, 0.5, "no uoe run", ha="center", va="center", transform=ax_c.transAxes)
     for ax in (ax_o, ax_r, ax_c):
         ax.set_xticks(range(n_layer), [str(i) for i in range(n_layer)])
+    if uoe_runs:
+        ax_c.legend(fontsize="x-small")
     for ax in (ax_o, ax_r, ax_l, ax_c):
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3, axis="y")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="x-small")
     fig.suptitle("Are neurons secretly routers? Each expert's activation intensity ||SiLU(x W_g^i)[U]||_2 "
                  "against the model's routing, on validation tokens")
     return fig

@@ -132,7 +132,7 @@ def test_uoe_concentration_one_live_routing_unit_and_uniform_units():
             for c in row["concentration"].values():
                 assert c["units"] == 1 and c["uniform"] == 0.25
                 np.testing.assert_allclose(c["share"], expected, rtol=1e-6)
-    assert set(r["layers"][0]["agreement"]) == {"all", "best", "rest"}
+    assert set(r["layers"][0]["agreement"]) == {"all", "best", "rest", "control"}
 
 
 def test_greedy_units_finds_the_set_whose_squared_intensity_is_the_score():
@@ -149,6 +149,21 @@ def test_greedy_units_finds_the_set_whose_squared_intensity_is_the_score():
         routers.add_unit_stats(acc, sq[part], score[part])
     for row in routers.greedy_units(acc, 3).tolist():   # 7 or its copy 8 (which one is sampling noise), 2, 5
         assert sorted(row) in ([2, 5, 7], [2, 5, 8])
+
+
+@torch.no_grad()
+def test_the_control_reads_only_the_std_of_the_gate_weights():
+    """The control's units come from random weights with the std of W_g: negating W_g (the same std; in a
+    one-layer model the FFN's input, the router and its choices stay as they were) changes the experts' own
+    agreement and not the control's."""
+    model = model_of(6, ffn="moe", n_layer=1)
+    train, val = tokens(2), tokens(2, seed=1)
+    before = routers.measure(model, train, val)
+    model.transformer.h[0].mlp.w_gate.neg_()
+    after = routers.measure(model, train, val)
+    b, a = before["layers"][0], after["layers"][0]
+    assert a["agreement"]["control"] == b["agreement"]["control"] and a["control_units"] == b["control_units"]
+    assert a["agreement"]["best"] != b["agreement"]["best"]
 
 
 def test_spearman_and_overlap_on_known_rankings():
