@@ -32,7 +32,7 @@ The unit sets U:
   the score s_i. Greedy is not exhaustive: on a uoe checkpoint, whose routing neurons would agree 100%, it
   shows how far it falls short (the JSON gives the share of the chosen units that are routing neurons);
 - rest (uoe only): the D - R units that are not routing neurons, which UoE's router never reads;
-- control (agreement only): 'best' chosen the same way from the units of random gate weights (N(0, sigma^2),
+- control: 'best' chosen the same way from the units of random gate weights (N(0, sigma^2),
   sigma the std of the layer's W_g, fixed by --seed) instead of the expert's own: what the selection of R
   units out of D gives by itself, with no training behind the units.
 For a uoe checkpoint the routing neurons' own intensity is its score, so their agreement would be 1 by
@@ -167,6 +167,16 @@ def unit_sets(mlp, best):
     return sets
 
 
+def intensities(mlp, x, chosen, control):
+    """name -> (N, E) intensities of the experts on x (N, C) over each unit set (unit_sets), and "control": over
+    the units chosen["control"] of the random gate weights control (E, C, D). chosen: choose_units' entry of
+    the layer."""
+    a = unit_activations(mlp, x)                                         # (N, E, D)
+    out = {name: intensity(a, units) for name, units in unit_sets(mlp, chosen["best"]).items()}
+    out["control"] = intensity(unit_activations(mlp, x, control), chosen["control"])
+    return out
+
+
 def run_chosen(mlp, u, topk_idx, gates):
     """The FFN mlp on u (B, T, C) with the experts topk_idx (N, K) and gates (N, K) given instead of its own
     choice; the rest of the layer (uoe's virtual shared expert, moe's shared experts) as in its forward."""
@@ -186,16 +196,12 @@ def run_chosen(mlp, u, topk_idx, gates):
     return y.view(B, T, C)
 
 
-def choose(scheme, mlp, x, units, reference, gen):
-    """(topk_idx, gates) (N, K) of a choice by `scheme`: a unit set's name (top K by its intensity) or
-    'random' (K experts uniformly at random); gates = softmax over the chosen experts' intensities, the
-    reference intensities (N, E) for a random choice."""
-    K = mlp.config.top_k
-    if scheme == "random":
-        score = reference
+def choose(score, K, gen=None):
+    """(topk_idx, gates) (N, K): the top K of score (N, E), or with a generator gen K experts uniformly at
+    random; gates = softmax over the chosen experts' scores (UoE's gates)."""
+    if gen is not None:
         topk_idx = torch.rand(score.shape, generator=gen).topk(K, dim=-1).indices.to(score.device)
     else:
-        score = intensity(unit_activations(mlp, x), units[scheme])
         topk_idx = score.topk(K, dim=-1).indices
     return topk_idx, F.softmax(score.gather(1, topk_idx), dim=-1)
 
@@ -299,9 +305,7 @@ def agreement(model, idx, chosen, controls, batch_size):
         layer_acc = acc.setdefault(layer, {"n": 0, "sq": 0.0})
         layer_acc["n"] += len(x)
         layer_acc["sq"] = layer_acc["sq"] + a.double().square().sum(0)
-        sets = {name: intensity(a, units) for name, units in unit_sets(mlp, chosen[layer]["best"]).items()}
-        sets["control"] = intensity(unit_activations(mlp, x, controls[layer]), chosen[layer]["control"])
-        for name, s in sets.items():
+        for name, s in intensities(mlp, x, chosen[layer], controls[layer]).items():
             m = layer_acc.setdefault(name, {"overlap": 0.0, "spearman": 0.0})
             m["overlap"] += top_overlap(s.topk(mlp.config.top_k, dim=-1).indices, own_idx, s.shape[1]).sum().item()
             m["spearman"] += spearman(s, scores).sum().item()
@@ -318,8 +322,9 @@ def agreement(model, idx, chosen, controls, batch_size):
 
 
 @torch.no_grad()
-def loss_with(model, idx, layers, scheme, chosen, batch_size, seed):
-    """Validation loss when the FFNs of `layers` choose their experts by `scheme` (choose) instead of their own."""
+def loss_with(model, idx, layers, scheme, chosen, controls, batch_size, seed):
+    """Validation loss when the FFNs of `layers` choose their experts by `scheme` instead of their own: the
+    intensity over a unit set (intensities' names), or "random"."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
 
@@ -328,9 +333,11 @@ def loss_with(model, idx, layers, scheme, chosen, batch_size, seed):
         if layer not in layers:
             return y
         x = u.reshape(-1, u.shape[-1])
-        units = unit_sets(mlp, chosen[layer]["best"])
-        reference = reference_score(mlp, x, mlp.last_routing["scores"]) if scheme == "random" else None
-        return run_chosen(mlp, u, *choose(scheme, mlp, x, units, reference, gen))
+        if scheme == "random":
+            choice = choose(reference_score(mlp, x, mlp.last_routing["scores"]), mlp.config.top_k, gen)
+        else:
+            choice = choose(intensities(mlp, x, chosen[layer], controls[layer])[scheme], mlp.config.top_k)
+        return run_chosen(mlp, u, *choice)
 
     total = 0.0
     for w in idx.split(batch_size):
@@ -365,18 +372,21 @@ def measure(model, train_idx, val_idx, n_units=None, batch_size=8, seed=1337):
     controls = control_weights(model, seed)
     chosen = choose_units(model, train_idx, R, batch_size, controls)
     agree, sq_val, own_loss = agreement(model, val_idx, chosen, controls, batch_size)
-    schemes = [name for name in agree[0] if name != "control"] + ["random"]
+    schemes = list(agree[0]) + ["random"]
     layers = list(range(cfg.n_layer))
+
+    def loss(swapped, scheme):
+        return loss_with(model, val_idx, swapped, scheme, chosen, controls, batch_size, seed)
+
     out = dict(ffn=cfg.ffn, n_expert=cfg.n_expert, top_k=cfg.top_k, expert_hidden=cfg.expert_hidden, n_units=R,
                n_routing=cfg.n_routing if cfg.ffn == "uoe" else None, chance_overlap=cfg.top_k / cfg.n_expert,
                val_tokens=val_idx[:, 1:].numel(), train_tokens=train_idx[:, 1:].numel(), own_loss=own_loss,
-               layers=[], every_layer={s: loss_with(model, val_idx, set(layers), s, chosen, batch_size, seed)
-                                       for s in schemes})
+               layers=[], every_layer={s: loss(set(layers), s) for s in schemes})
     for layer in layers:
         best = chosen[layer]["best"]
         row = dict(layer=layer, agreement=agree[layer], best_units=best.tolist(),
                    control_units=chosen[layer]["control"].tolist(),
-                   loss={s: loss_with(model, val_idx, {layer}, s, chosen, batch_size, seed) for s in schemes})
+                   loss={s: loss({layer}, s) for s in schemes})
         if cfg.ffn == "uoe":
             row["best_in_routing"] = (best < cfg.n_routing).double().mean().item()
             row["concentration"] = concentration(chosen[layer]["mean_sq"], sq_val[layer], cfg.n_routing)
@@ -457,7 +467,7 @@ def figure(results):
         xs = np.arange(len(r["layers"]) + 1) + (i - (len(losses) - 1) / 2) * width
         ys = [row["loss"][s] - r["own_loss"] for row in r["layers"]] + [r["every_layer"][s] - r["own_loss"]]
         ax_l.bar(xs, ys, width, color=run.color, hatch=hatches[s], edgecolor="white",
-                 label=f"{run.label}: {unit_label(s, r)}")
+                 label=f"{run.label}: {unit_label(s, r)}", alpha=0.5 if s == "control" else 1)
     ax_l.set_yscale("symlog", linthresh=0.01)
     ax_l.set_ylim(top=ax_l.get_ylim()[1] * 30)    # room for the legend above the bars
     ax_l.legend(fontsize="x-small", ncol=2, loc="upper center")

@@ -111,7 +111,7 @@ def test_with_identical_experts_every_choice_gives_the_models_loss(ffn):
             w.copy_(w[:1].expand_as(w))
     r = routers.measure(model, tokens(2), tokens(2, seed=1))
     for losses in [row["loss"] for row in r["layers"]] + [r["every_layer"]]:
-        assert set(losses) == ({"all", "best", "random"} | ({"rest"} if ffn == "uoe" else set()))
+        assert set(losses) == ({"all", "best", "control", "random"} | ({"rest"} if ffn == "uoe" else set()))
         for loss in losses.values():
             assert loss == pytest.approx(r["own_loss"], abs=1e-5)
 
