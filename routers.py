@@ -22,7 +22,8 @@ dataset (sequences at evenly spaced offsets, the model's block_size long), route
   Everything else in the layer (uoe's virtual shared expert, moe's shared experts) runs as in the model.
 - uoe only: how concentrated each expert's score is in its strongest routing neurons: the share of the
   expert's sum of a_ij^2 over validation tokens (its squared intensity, SiLU scores) that comes from its
-  top 10% / 25% routing units, those with the largest mean a_ij^2 on training tokens (uniform: 10% / 25%).
+  top 10% / 25% routing units (k = round(share * R)), those with the largest mean a_ij^2 on training tokens
+  (uniform: k / R).
 The unit sets U:
 - all: all D hidden units of the expert;
 - best: the R units (R = the checkpoint's n_routing, UoE's default D // E for an MoE; --n_units) whose
@@ -30,7 +31,7 @@ The unit sets U:
   expert i, by greedy forward selection, each step adding the unit j that makes the squared intensity over
   the chosen units, sum_j a_ij^2 with a_ij = SiLU(x W_g^i)_j, correlate best (Pearson, over the tokens) with
   the score s_i. Greedy is not exhaustive: on a uoe checkpoint, whose routing neurons would agree 100%, it
-  shows how far it falls short (the JSON gives the share of the chosen units that are routing neurons);
+  shows how far it falls short (the table gives the share of the chosen units that are routing neurons);
 - rest (uoe only): the D - R units that are not routing neurons, which UoE's router never reads;
 - control: 'best' chosen the same way from the units of random gate weights (N(0, sigma^2),
   sigma the std of the layer's W_g, fixed by --seed) instead of the expert's own: what the selection of R
