@@ -172,9 +172,7 @@ def usable_device(name):
 def sample(o):
     device = usable_device(o["device"])
     ckpt = uoe.load_checkpoint(os.path.join(o["out_dir"], "ckpt.pt"), map_location=device)
-    # the checkpoint's expert_path says how the model ran where it was trained (maybe 'grouped' on a GPU):
-    # here 'auto' picks the path this device and torch can run (the same model: both paths compute it)
-    model = uoe.model_from_checkpoint({**ckpt, "config": {**ckpt["config"], "expert_path": "auto"}})
+    model = uoe.model_from_checkpoint(ckpt)        # experts on the path 'auto' picks here, not the checkpoint's
     model = model.to(device).eval()
     meta = run_meta(o["out_dir"], ckpt)
     encode, decode = tokenizer(meta)

@@ -101,8 +101,9 @@ class UoEFFN(nn.Module):
         x = x.reshape(-1, C)                                           # (N, C)
         # Every expert's routing neurons on every token, in float32 or wider (§4).
         pre, a = self.routing_activations(x)                           # (N, E, N_s) each: x W_g^i[:, :N_s], a_i
-        h = None                # the routing hidden units h_i = a_i * x W_p^i[:, :N_s] of all experts,
-        if config.vse or config.route_score == "swiglu":               # only where the VSE or the score needs them
+        # Their hidden units h_i = a_i * x W_p^i[:, :N_s], for all experts only where the VSE or the score needs them.
+        h = None
+        if config.vse or config.route_score == "swiglu":
             h = self.routing_hidden(x, a)                              # (N, E, N_s)
         # The score of expert i is the activation intensity of its routing neurons; the top K are chosen.
         scores = self.activation_intensity(pre, a, h)                  # (N, E) s_i = ||a_i|| by default
@@ -165,7 +166,7 @@ class UoEFFN(nn.Module):
         path = resolve_expert_path(config, x.device, compute_dtype(x))
         if config.vse and config.uoe_output == "once":                 # R_i is in the VSE already
             out = dispatch(x, topk_idx, swiglu_expert, weights, path=path)
-        elif h is not None:
+        elif config.vse or config.route_score == "swiglu":           # h_i were computed for all experts
             out = dispatch(x, topk_idx, uoe_expert_from_h, weights, reused=h, path=path)
         else:                             # no VSE, score without h: h_i only for the chosen experts
             out = dispatch(x, topk_idx, uoe_expert_from_a, weights, reused=a, path=path)
@@ -842,10 +843,12 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def model_from_checkpoint(ckpt):
-    """Rebuild the GPT stored in a checkpoint dict from load_checkpoint."""
+def model_from_checkpoint(ckpt, expert_path="auto"):
+    """Rebuild the GPT stored in a checkpoint dict from load_checkpoint. The stored expert_path says how
+    the experts ran where it was trained (maybe 'grouped' on a GPU); both paths compute the same model,
+    so it runs here on expert_path ('auto': the path this device and torch can take)."""
     try:
-        model = GPT(GPTConfig(**ckpt["config"]))
+        model = GPT(GPTConfig(**{**ckpt["config"], "expert_path": expert_path}))
         model.load_state_dict(ckpt["model"])
     except (ValueError, TypeError, RuntimeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
