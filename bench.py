@@ -217,7 +217,10 @@ def setup_torch(args):
     # bench compiles several models whose modules share code objects (Block.forward, ...) in one
     # process: each model adds cache entries, so the default limit (8) would silently fall back
     # to eager for the later ones.
-    torch._dynamo.config.recompile_limit = 64
+    import torch._dynamo.config as dynamo_config
+    for name in ("recompile_limit", "cache_size_limit"):      # the newer name, and the older one (torch < 2.7)
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 64)
 
 
 def compile_blocks(model):
@@ -662,16 +665,16 @@ def write_json(path, obj, quiet=False):
 
 # -----------------------------------------------------------------------------
 
-def cli(run, argv):
+def cli(run, argv, interrupted="interrupted"):
     """run(argv) as a command line program: a UserError, a bad model size (GPTConfig's ValueError) or Ctrl-C
-    ends in one line; returns the exit code."""
+    ends in one line (on Ctrl-C, `interrupted`); returns the exit code."""
     try:
         run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept; run the same command again to continue", file=sys.stderr)
+        print(f"\n{interrupted}", file=sys.stderr)
         return 130
     except ValueError as e:                      # GPTConfig's validation
         if "GPTConfig" not in str(e):
