@@ -349,6 +349,10 @@ class Progress:
 def launch(spec, env, log, claim_file):
     """Start one train.py run (a Popen). The child inherits the claim, so it stays claimed while the run
     lives even if this command is killed. The tests replace this with an in-process stand-in."""
+    if sha256_of(REPO / f for f in CODE_FILES) != spec["identity"]["code_sha256"]:
+        # a run must be made by the code its identity names: uoe.py or train.py was edited meanwhile
+        raise UserError(f"{' or '.join(CODE_FILES)} changed while this command ran; the finished runs are kept "
+                        "under the old code's identity: run the command again to train the rest with the new code")
     fds = (claim_file.fileno(),) if os.name == "posix" else ()
     return subprocess.Popen(train_command(spec), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                             pass_fds=fds)
@@ -389,7 +393,13 @@ def run_all(specs, args, progress):
                     progress.skip(1)
                     continue
                 log = open(Path(s["dir"]) / "train.log", "w")
-                running.append((s, launch(s, env, log, c), log, c, time.time()))
+                try:
+                    p = launch(s, env, log, c)
+                except BaseException:                # not started: release what it would have held
+                    log.close()
+                    c.close()
+                    raise
+                running.append((s, p, log, c, time.time()))
             finished = [r for r in running if r[1].poll() is not None]
             if not finished:
                 time.sleep(0.2)
@@ -906,7 +916,8 @@ def main(argv=None):
     def run(argv):
         args = parse_args(argv)
         dict(quality=quality, ablate=ablate, balance=balance, report=study_report)[args.command](args)
-    return cli(run, sys.argv[1:] if argv is None else argv)
+    return cli(run, sys.argv[1:] if argv is None else argv,
+               interrupted="interrupted: finished runs are kept; run the same command again to continue")
 
 
 if __name__ == "__main__":

@@ -339,6 +339,14 @@ def test_a_claim_ends_with_its_holder(micro):
     assert InProcess.calls == [spec["dir"]] and r["final_val"] > 0
 
 
+def test_a_run_is_never_launched_by_other_code_than_its_identity_names(tmp_path):
+    """uoe.py or train.py edited while a command runs: the next launch stops instead of training with the new
+    code under the old code's identity."""
+    spec = dict(identity=dict(code_sha256="0" * 64), dir=str(tmp_path), options={})
+    with pytest.raises(study.UserError, match="changed while this command ran"):
+        study.launch(spec, {}, None, None)
+
+
 def test_study_runs_train_py_in_a_subprocess(tmp_path, data):
     """The real launcher: one run of `python train.py ...` (a few seconds)."""
     assert study.main(["balance", *MICRO, "--data_dir", str(data), "--dataset", "tiny", "--out_dir", str(tmp_path),
