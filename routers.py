@@ -30,8 +30,9 @@ The unit sets U:
   intensity best tracks the model's score, chosen on training tokens (train.bin beside val.bin): per
   expert i, by greedy forward selection, each step adding the unit j that makes the squared intensity over
   the chosen units, sum_j a_ij^2 with a_ij = SiLU(x W_g^i)_j, correlate best (Pearson, over the tokens) with
-  the score s_i. Greedy is not exhaustive: on a uoe checkpoint, whose routing neurons would agree 100%, it
-  shows how far it falls short (the table gives the share of the chosen units that are routing neurons);
+  the score s_i. On a uoe checkpoint the table gives the share of the chosen units that are its routing
+  neurons; two things keep it below 1: greedy selection is not exhaustive, and the target is s_i, not s_i^2,
+  so even the routing neurons (whose sum_j a_ij^2 is s_i^2 exactly) correlate with it at 0.95-0.98, not 1;
 - rest (uoe only): the D - R units that are not routing neurons, which UoE's router never reads;
 - control: 'best' chosen the same way from the units of random gate weights (N(0, sigma^2),
   sigma the std of the layer's W_g, fixed by --seed) instead of the expert's own: what the selection of R
