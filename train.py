@@ -910,7 +910,9 @@ if __name__ == "__main__":
     try:
         code = main(sys.argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write of the whole line: print() writes the text and the newline apart, and under torchrun the
+        # ranks' lines would interleave on the shared stderr ("...nopeerror: ...")
+        sys.stderr.write(f"error: {e}\n")
         code = 2
     except KeyboardInterrupt:       # Ctrl-C before training started: nothing to save
         print("interrupted before training started; nothing was saved", file=sys.stderr)
