@@ -169,11 +169,11 @@ def unit_sets(mlp, best):
     return sets
 
 
-def intensities(mlp, x, chosen, control):
+def intensities(mlp, x, chosen, control, a=None):
     """name -> (N, E) intensities of the experts on x (N, C) over each unit set (unit_sets), and "control": over
     the units chosen["control"] of the random gate weights control (E, C, D). chosen: choose_units' entry of
-    the layer."""
-    a = unit_activations(mlp, x)                                         # (N, E, D)
+    the layer; a: unit_activations(mlp, x) where the caller has them already."""
+    a = unit_activations(mlp, x) if a is None else a                     # (N, E, D)
     out = {name: intensity(a, units) for name, units in unit_sets(mlp, chosen["best"]).items()}
     out["control"] = intensity(unit_activations(mlp, x, control), chosen["control"])
     return out
@@ -307,7 +307,7 @@ def agreement(model, idx, chosen, controls, batch_size):
         layer_acc = acc.setdefault(layer, {"n": 0, "sq": 0.0})
         layer_acc["n"] += len(x)
         layer_acc["sq"] = layer_acc["sq"] + a.double().square().sum(0)
-        for name, s in intensities(mlp, x, chosen[layer], controls[layer]).items():
+        for name, s in intensities(mlp, x, chosen[layer], controls[layer], a).items():
             m = layer_acc.setdefault(name, {"overlap": 0.0, "spearman": 0.0})
             m["overlap"] += top_overlap(s.topk(mlp.config.top_k, dim=-1).indices, own_idx, s.shape[1]).sum().item()
             m["spearman"] += spearman(s, scores).sum().item()

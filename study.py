@@ -719,18 +719,15 @@ def balance_table(res):
     return "\n".join(lines)
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def new_figure(w, h):
+    """plot.py's figure (no pyplot: no global state to close); imported here, when a figure is drawn."""
+    import plot
+    return plot.new_figure(w, h)
 
 
 def save_figure(fig, path):
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    pyplot().close(fig)
     print(f"wrote {path}")
     return str(path)
 
@@ -738,8 +735,8 @@ def save_figure(fig, path):
 def plot_budgets(results, path):
     """One row per budget (a quality result): val loss against tokens per variant (mean over the reported
     seeds); UoE − MoE and MoE − dense over training, paired by seed, with their 95% t intervals as bands."""
-    plt = pyplot()
-    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.4 * len(results)), squeeze=False)
+    fig = new_figure(12, 4.4 * len(results))
+    axes = fig.subplots(len(results), 2, squeeze=False)
     for (ax, ax2), res in zip(axes, results):
         for i, (v, r) in enumerate(res["variants"].items()):
             curves = [c for c in r["curves"].values() if c]
@@ -774,9 +771,9 @@ def plot_budgets(results, path):
 
 def plot_balance(res, path):
     """Ent_load against step, per layer, for each variant and aux coefficient (mean over seeds)."""
-    plt = pyplot()
     n_layer = res["base_config"]["n_layer"]
-    fig, axes = plt.subplots(1, n_layer, figsize=(5 * n_layer, 4), squeeze=False, sharey=True)
+    fig = new_figure(5 * n_layer, 4)
+    axes = fig.subplots(1, n_layer, squeeze=False, sharey=True)
     for layer, ax in enumerate(axes[0]):
         for name, runs in res["curves"].items():
             runs = [r for r in runs if r]
