@@ -25,6 +25,10 @@ How the numbers are kept honest:
   A run made by other code or on another corpus is rerun, never reused.
 - A run in progress is claimed (an exclusive lock on runs/<run>/claim.lock, dropped by the kernel when
   its holder exits): another command sharing the out_dir waits for it instead of starting it again.
+- A killed run resumes, exactly: train.py checkpoints every eval_interval steps (and on SIGINT/SIGTERM), and
+  a run with a checkpoint but no result continues it (--init_from=resume restores weights, optimizer, RNGs and
+  the batch order) if runs/<run>/state.json names the same identity. Its seconds are its wall time over all
+  its segments.
 """
 import argparse
 import hashlib
@@ -212,7 +216,10 @@ def fmt_duration(seconds):
 # -----------------------------------------------------------------------------
 # configs and runs. Every run is `python train.py --key=value ...` in a subprocess, into its own folder
 # OUT_DIR/runs/<variant>-D<D>-lr<lr>-s<seed>[-sweep]-<hash of its identity>/, whose result.json (written
-# atomically when the run has finished) makes a rerun skip it.
+# atomically when the run has finished) makes a rerun skip it. Until then the folder holds train/ (train.py's
+# out_dir: metrics.jsonl and ckpt.pt, saved every eval_interval steps), train.log (every segment's output) and
+# state.json: the run's identity, the seconds of its finished segments and when the running one started. A run
+# is made in one or more segments: a command killed mid-run leaves ckpt.pt behind, and the next one resumes it.
 
 def sha256_of(paths):
     h = hashlib.sha256()
@@ -270,8 +277,8 @@ def recipe(args):
     """The training options every run of a study shares (the learning rate and seed vary)."""
     return dict(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), max_iters=args.steps,
                 warmup_iters=args.warmup_steps, batch_size=args.batch_size, eval_interval=args.eval_interval,
-                eval_iters=args.eval_iters, log_interval=args.log_interval, ckpt_interval=args.steps,
-                device=args.device, dtype=args.dtype, compile=args.compile == "compile", plot=False)
+                eval_iters=args.eval_iters, log_interval=args.log_interval, device=args.device,
+                dtype=args.dtype, compile=args.compile == "compile", plot=False)
 
 
 def run_spec(label, config, lr, seed, args, role="reported"):
@@ -285,13 +292,86 @@ def run_spec(label, config, lr, seed, args, role="reported"):
                 dir=str(Path(args.out_dir).resolve() / "runs" / name))
 
 
-def train_command(spec):
-    opts = {**spec["options"], "out_dir": str(Path(spec["dir"]) / "train"), "overwrite": True}
+def train_command(spec, resume=False):
+    """The train.py command line of a run: afresh (replacing whatever train/ holds), or resuming train/ckpt.pt.
+    ckpt_interval is not among the options, so not in the identity: resume is exact, so where a run was
+    checkpointed cannot change its result. Every option is given again on resume: train.py checks that the
+    model options agree with the checkpoint's, and the training options it gets are the same ones."""
+    opts = {**spec["options"], "out_dir": str(Path(spec["dir"]) / "train"),
+            "ckpt_interval": spec["options"]["eval_interval"],     # a few MB at each eval: negligible
+            **({"init_from": "resume"} if resume else {"overwrite": True})}
     return [sys.executable, str(REPO / "train.py")] + [f"--{k}={v!r}" for k, v in opts.items()]
 
 
+def read_state(spec):
+    """runs/<run>/state.json if it is of spec's identity, else None."""
+    try:
+        st = json.loads((Path(spec["dir"]) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return st if isinstance(st, dict) and st.get("identity") == spec["identity"] else None
+
+
+def resume_step(spec):
+    """The step at which to resume spec's run from its train/ckpt.pt, or None to start it afresh (no
+    checkpoint, or one set aside here). A checkpoint is resumed only when state.json, written before the
+    segment that made it, names the same identity, and only when it loads (weights_only, memory-mapped: the
+    file is not read through). Any other checkpoint is moved to ckpt.pt.bad, with a line saying why, rather
+    than stopping the command: a run is deterministic, so starting it afresh costs time but changes no
+    number, and train.py writes checkpoints atomically, so only a disk fault or a hand edit makes a bad one;
+    an unattended study of hours should not stop for that, and the file is kept for a look, not replaced."""
+    ckpt = Path(spec["dir"]) / "train" / "ckpt.pt"
+    if not ckpt.exists():
+        return None
+    why = None
+    if read_state(spec) is None:
+        why = "no state.json of this run's identity says which run wrote it"
+    else:
+        try:
+            step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
+            if not isinstance(step, int) or not 0 <= step <= spec["options"]["max_iters"]:
+                raise ValueError(f"step {step!r}")
+            return step
+        except Exception as e:                          # any failure to read it: torch raises many kinds
+            why = f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    bad = ckpt.with_name("ckpt.pt.bad")
+    os.replace(ckpt, bad)
+    print(f"  starting {Path(spec['dir']).name} afresh: its checkpoint was moved to {bad}: {why}", flush=True)
+    return None
+
+
+def start_segment(spec, step):
+    """Record in state.json that a segment of spec's run starts now (afresh when step is None, else resuming
+    at step); return (seconds of its earlier segments, the start time). A segment whose end no command saw
+    (the command was killed outright, so state.json still says when it started) counts until its last
+    checkpoint: the work after that is lost and done again, in this segment."""
+    now, seconds, segments = time.time(), 0.0, 0
+    st = read_state(spec) if step is not None else None
+    if st is not None:
+        seconds, segments = st.get("seconds", 0.0), st.get("segments", 0)
+        if st.get("started") is not None:
+            try:
+                seconds += max(0.0, (Path(spec["dir"]) / "train" / "ckpt.pt").stat().st_mtime - st["started"])
+            except OSError:
+                pass
+    write_json(Path(spec["dir"]) / "state.json", dict(identity=spec["identity"], seconds=seconds,
+                                                      segments=segments + 1, started=now), quiet=True)
+    return seconds, now
+
+
+def end_segment(spec, seconds, t0):
+    """Record that the running segment of spec's run (started at t0 after `seconds` of earlier segments) has
+    ended; return the run's seconds so far."""
+    total = seconds + time.time() - t0
+    path = Path(spec["dir"]) / "state.json"
+    st = read_state(spec) or dict(identity=spec["identity"], segments=1)
+    write_json(path, {**st, "seconds": total, "started": None}, quiet=True)
+    return total
+
+
 def run_result(spec, seconds, diverged=False):
-    """The compact result of a finished run, from its metrics.jsonl (a diverged run: no numbers)."""
+    """The compact result of a finished run, from its metrics.jsonl (a diverged run: no numbers). seconds: the
+    wall time of its train.py processes, summed over its segments (see start_segment)."""
     evals, trains = [], []
     if not diverged:
         for line in (Path(spec["dir"]) / "train" / "metrics.jsonl").read_text().splitlines():
@@ -346,22 +426,23 @@ class Progress:
               flush=True)
 
 
-def launch(spec, env, log, claim_file):
-    """Start one train.py run (a Popen). The child inherits the claim, so it stays claimed while the run
-    lives even if this command is killed. The tests replace this with an in-process stand-in."""
+def launch(spec, env, log, claim_file, resume=False):
+    """Start one train.py run (a Popen), afresh or resuming its checkpoint. The child inherits the claim, so it
+    stays claimed while the run lives even if this command is killed. The tests replace this with an in-process
+    stand-in."""
     if sha256_of(REPO / f for f in CODE_FILES) != spec["identity"]["code_sha256"]:
         # a run must be made by the code its identity names: uoe.py or train.py was edited meanwhile
         raise UserError(f"{' or '.join(CODE_FILES)} changed while this command ran; the finished runs are kept "
                         "under the old code's identity: run the command again to train the rest with the new code")
     fds = (claim_file.fileno(),) if os.name == "posix" else ()
-    return subprocess.Popen(train_command(spec), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+    return subprocess.Popen(train_command(spec, resume), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                             pass_fds=fds)
 
 
 def run_all(specs, args, progress):
     """Run every spec that has no result yet, args.jobs at a time; return [result per spec]. A run that
-    another command has claimed is waited for. A run that ends in a non-finite loss is a result (diverged);
-    any other failure stops all."""
+    another command has claimed is waited for; one with a checkpoint of its identity resumes from it. A run
+    that ends in a non-finite loss is a result (diverged); any other failure stops all."""
     results, todo = {}, []
     for s in specs:
         r = read_result(s)
@@ -373,7 +454,8 @@ def run_all(specs, args, progress):
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    running, waiting, told = [], [], set()          # running: (spec, Popen, log, claim, start time)
+    # running: (spec, Popen, log, claim, segment start time, seconds of the run's earlier segments, log offset)
+    running, waiting, told, interrupted = [], [], set(), False
     try:
         while todo or running or waiting:
             todo[:0], waiting = waiting, []          # claimed elsewhere last time: look again, first
@@ -392,42 +474,85 @@ def run_all(specs, args, progress):
                     results[s["dir"]] = r
                     progress.skip(1)
                     continue
-                log = open(Path(s["dir"]) / "train.log", "w")
                 try:
-                    p = launch(s, env, log, c)
+                    step = resume_step(s)
+                    if step is not None:
+                        print(f"  resuming {Path(s['dir']).name} at step {step}", flush=True)
+                    log = open(Path(s["dir"]) / "train.log", "w" if step is None else "a")
+                except BaseException:
+                    c.close()
+                    raise
+                try:
+                    log_start = log.tell()           # a resumed segment's output follows the earlier ones'
+                    seconds, t0 = start_segment(s, step)
+                    p = launch(s, env, log, c, resume=step is not None)
                 except BaseException:                # not started: release what it would have held
                     log.close()
                     c.close()
                     raise
-                running.append((s, p, log, c, time.time()))
+                running.append((s, p, log, c, t0, seconds, log_start))
             finished = [r for r in running if r[1].poll() is not None]
             if not finished:
                 time.sleep(0.2)
             for item in finished:
                 running.remove(item)
-                s, p, log, c, t0 = item
+                s, p, log, c, t0, seconds, log_start = item
                 log.close()
                 try:
-                    results[s["dir"]] = finish_run(s, p.returncode, time.time() - t0)
+                    seconds = end_segment(s, seconds, t0)
+                    results[s["dir"]] = finish_run(s, p.returncode, seconds, log_start)
                 finally:
                     c.close()                        # the result is written (or the run failed): release the claim
                 progress.finished(s, results[s["dir"]])
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        for s, p, log, c, _ in running:             # interrupted or failed: stop our own runs
+        stop_runs(running, interrupted)
+    return [results[s["dir"]] for s in specs]
+
+
+STOP_GRACE = 30    # seconds a run that got the Ctrl-C too has to finish its step and save, before it is signalled
+
+
+def stop_runs(running, interrupted):
+    """Interrupted or failed: stop our own runs, each saving a checkpoint to resume (train.py saves on
+    SIGINT/SIGTERM after its current step), and record their segments' time. Ctrl-C in a terminal (or a kill
+    of the whole process group) reaches the runs too, and a second signal would make train.py quit at once
+    without saving: so after an interrupt the runs first get STOP_GRACE seconds to exit on their own."""
+    alive = [item for item in running if item[1].poll() is None]
+    if interrupted and alive:
+        print(f"  waiting up to {STOP_GRACE} s for {len(alive)} run(s) to save a checkpoint", file=sys.stderr,
+              flush=True)
+        deadline = time.time() + STOP_GRACE
+        for item in alive:
+            try:
+                item[1].wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+    for s, p, log, c, t0, seconds, _ in running:
+        try:
             if p.poll() is None:
                 p.terminate()
                 try:
                     p.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     p.kill()
+                    p.wait()
+            end_segment(s, seconds, t0)
+        except OSError:
+            pass            # state.json not updated: the next resume counts this segment up to its last checkpoint
+        finally:
             log.close()
             c.close()
-    return [results[s["dir"]] for s in specs]
 
 
-def finish_run(spec, returncode, seconds):
-    """A run's result.json from its exit code and log; a failure other than divergence is a UserError."""
-    text = (Path(spec["dir"]) / "train.log").read_text(errors="replace")
+def finish_run(spec, returncode, seconds, log_start=0):
+    """A run's result.json from its exit code and the log of its last segment (train.log from log_start); a
+    failure other than divergence is a UserError. Its checkpoint is deleted once the result is written."""
+    with open(Path(spec["dir"]) / "train.log", "rb") as f:
+        f.seek(log_start)
+        text = f.read().decode(errors="replace")
     diverged = returncode == 2 and "non-finite loss" in text
     if returncode != 0 and not diverged:
         last = ([line for line in text.splitlines() if line.strip()] or ["(no output)"])[-1]
@@ -435,8 +560,8 @@ def finish_run(spec, returncode, seconds):
                         f"(exit {returncode}): {last.removeprefix('error: ')} "
                         f"[log: {Path(spec['dir']) / 'train.log'}]")
     r = run_result(spec, seconds, diverged)
-    (Path(spec["dir"]) / "train" / "ckpt.pt").unlink(missing_ok=True)   # keep the disk small
     write_json(Path(spec["dir"]) / "result.json", r, quiet=True)
+    (Path(spec["dir"]) / "train" / "ckpt.pt").unlink(missing_ok=True)   # keep the disk small
     return r
 
 
@@ -836,9 +961,10 @@ HELP = {
 EPILOG = """Every run is `python train.py --key=value ...` (the same recipe as a run you start yourself), run in
 a subprocess with its own folder under OUT_DIR/runs/ and its result written there as soon as it
 finishes: interrupt at any time (Ctrl-C) and rerun the same command to continue; finished runs are
-skipped, and --seeds N with a larger N adds seeds. Seeds are paired across variants: seed s gives
-every variant the same batches in the same order, the same evaluation batches, and the same initial
-embeddings and first attention layer.
+skipped, a run cut short resumes from its last checkpoint (saved every eval_interval steps), and
+--seeds N with a larger N adds seeds. Seeds are paired across variants: seed s gives every variant
+the same batches in the same order, the same evaluation batches, and the same initial embeddings
+and first attention layer.
 Presets: cpu (2 x 64, E=8, K=2, UoE D=128, block 128, batch 16, 500 steps = 1.0M tokens of
 pystdlib_char); train (python train.py's defaults: 4 x 128, E=8, K=2, D=256, block 256, batch 16,
 1000 steps = 4.1M tokens of pystdlib_char); both run 2 runs at a time on 1 thread each. gpu (8 x 512,

@@ -1,12 +1,13 @@
 """Tests for study.py: arguments, the statistics on known numbers, run identity, held-out selection, the
-claim on a run in progress, and tiny end-to-end studies (train.py's main() in this process; one real
-subprocess)."""
+claim on a run in progress, resuming a killed run, and tiny end-to-end studies (train.py's main() in this
+process; real subprocesses in two)."""
 
 import contextlib
 import dataclasses
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -145,6 +146,22 @@ def test_runs_are_paired_and_identified_by_options_role_code_and_data(tmp_path):
     assert abl["n_routing_double"].n_routing == 2 * base.n_routing
 
 
+def test_the_checkpoint_interval_is_not_part_of_a_runs_identity(tmp_path):
+    """Resume is exact, so where a run was checkpointed cannot change it: ckpt_interval is given to train.py
+    but kept out of the options that identify the run."""
+    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--device", "cpu"])
+    args.fingerprint = FINGERPRINT
+    spec = study.run_spec("uoe", uoe.GPTConfig(vocab_size=97, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
+                          1e-3, 0, args)
+    assert "ckpt_interval" not in spec["options"] and "ckpt_interval" not in spec["identity"]["options"]
+    assert "ckpt_interval" not in study.recipe(args)
+    fresh, resume = study.train_command(spec), study.train_command(spec, resume=True)
+    assert f"--ckpt_interval={args.eval_interval}" in fresh and f"--ckpt_interval={args.eval_interval}" in resume
+    assert "--overwrite=True" in fresh and not any(a.startswith("--init_from") for a in fresh)
+    assert "--init_from='resume'" in resume and not any(a.startswith("--overwrite") for a in resume)
+    assert fresh[:2] == resume[:2] and set(fresh) - set(resume) == {"--overwrite=True"}
+
+
 def change_first_token(path):
     with open(path, "r+b") as f:
         first = f.read(2)
@@ -168,14 +185,15 @@ def test_the_fingerprint_is_of_the_code_and_the_corpus(tmp_path, data, monkeypat
 
 class InProcess:
     """study.launch's stand-in: train.py's main() in this process (no interpreter start per run)."""
-    calls = []
+    calls, commands = [], []
 
-    def __init__(self, spec, env, log, claim_file):
+    def __init__(self, spec, env, log, claim_file, resume=False):
         InProcess.calls.append(spec["dir"])
+        InProcess.commands.append(study.train_command(spec, resume)[2:])
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
-                self.returncode = train.main(study.train_command(spec)[2:])
+                self.returncode = train.main(study.train_command(spec, resume)[2:])
             except train.UserError as e:
                 print(f"error: {e}")
                 self.returncode = 2
@@ -189,7 +207,7 @@ class InProcess:
 @pytest.fixture
 def micro(tmp_path, monkeypatch, data):
     monkeypatch.setattr(study, "launch", InProcess)
-    InProcess.calls = []
+    InProcess.calls, InProcess.commands = [], []
     return MICRO + ["--data_dir", str(data), "--dataset", "tiny", "--out_dir", str(tmp_path)]
 
 
@@ -295,6 +313,91 @@ def test_a_diverged_run_is_a_result_and_a_broken_one_a_one_line_error(micro):
         study.run_all([bad], args, study.Progress(1, 1))
 
 
+# ---- a killed run resumes --------------------------------------------------------------------------
+
+class Killed(InProcess):
+    """A run stopped by SIGTERM after its first step (train.py saves ckpt.pt and exits 143) while the command
+    itself is interrupted: its first poll raises KeyboardInterrupt, as Ctrl-C would in run_all's loop."""
+
+    def __init__(self, *args, **kwargs):
+        train.STOP["signum"] = signal.SIGTERM               # as if the signal had come: stop after this step
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            train.STOP["signum"] = None
+        self.polled = False
+
+    def poll(self):
+        if not self.polled:
+            self.polled = True
+            raise KeyboardInterrupt
+        return self.returncode
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(micro, tmp_path, monkeypatch, capsys):
+    argv = ["balance", *micro, "--variants", "uoe", "--aux", "0", "--seeds", "2", "--lr", "1e-3"]
+    monkeypatch.setattr(study, "launch", Killed)
+    assert study.main(argv) == 130                                     # interrupted in its first run
+    killed, = calls()
+    run = Path(killed)
+    assert Killed.commands[-1][-1] == "--overwrite=True" and (run / "train" / "ckpt.pt").is_file()
+    assert not (run / "result.json").exists() and "stopped by SIGTERM at step 1" in (run / "train.log").read_text()
+    state = json.loads((run / "state.json").read_text())
+    assert state["segments"] == 1 and state["started"] is None and state["seconds"] > 0
+    capsys.readouterr()
+    InProcess.commands = []
+
+    monkeypatch.setattr(study, "launch", InProcess)
+    assert study.main(argv) == 0
+    assert calls()[0] == killed and len(InProcess.commands) == 2
+    resumed, fresh = InProcess.commands                              # the other seed had no checkpoint
+    assert "--init_from='resume'" in resumed and "--overwrite=True" not in resumed
+    assert "--overwrite=True" in fresh and not any(a.startswith("--init_from") for a in fresh)
+    assert f"  resuming {run.name} at step 1\n" in capsys.readouterr().out
+    log = (run / "train.log").read_text()                            # both segments' output, in order
+    assert log.index("stopped by SIGTERM at step 1") < log.index("resuming at step 1") < log.index("done: 3 steps")
+    result = json.loads((run / "result.json").read_text())
+    assert not (run / "train" / "ckpt.pt").exists()
+    state = json.loads((run / "state.json").read_text())
+    assert state["segments"] == 2 and result["seconds"] == state["seconds"] > 0
+
+    # the same study, never stopped: the same numbers, to the bit
+    assert study.main([*argv, "--out_dir", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "runs" / run.name / "result.json").read_text())
+    assert [e[0] for e in result["evals"]] == [0, 2, 3]
+    for key in ("final_val", "evals", "routing", "identity"):
+        assert result[key] == whole[key], key
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "no state", "other identity"])
+def test_a_checkpoint_that_is_unreadable_or_of_no_known_identity_is_set_aside(micro, damage, monkeypatch, capsys):
+    args = study.parse_args(["balance", *micro])
+    args.fingerprint = FINGERPRINT
+    spec = study.run_spec("uoe", uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
+                          1e-3, 0, args)
+    monkeypatch.setattr(study, "launch", Killed)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_all([spec], args, study.Progress(1, 1))
+    run, ckpt = Path(spec["dir"]), Path(spec["dir"]) / "train" / "ckpt.pt"
+    good = ckpt.read_bytes()
+    if damage == "corrupt":
+        ckpt.write_bytes(good[:len(good) // 2])                     # a truncated file
+    elif damage == "no state":
+        (run / "state.json").unlink()
+    else:
+        state = json.loads((run / "state.json").read_text())
+        study.write_json(run / "state.json", dict(state, identity=dict(state["identity"], role="sweep")), quiet=True)
+    monkeypatch.setattr(study, "launch", InProcess)
+    InProcess.calls, InProcess.commands = [], []
+    capsys.readouterr()
+    r, = study.run_all([spec], args, study.Progress(1, 1))
+    assert r["final_val"] > 0 and "--overwrite=True" in InProcess.commands[0]          # afresh
+    assert f"starting {run.name} afresh: its checkpoint was moved to {ckpt}.bad" in capsys.readouterr().out
+    kept = (run / "train" / "ckpt.pt.bad").read_bytes()
+    assert kept == (good[:len(good) // 2] if damage == "corrupt" else good)           # kept, not replaced
+    assert json.loads((run / "state.json").read_text())["segments"] == 1
+
+
 # ---- two commands sharing an out_dir -------------------------------------------------------------
 
 def test_a_run_claimed_by_another_command_is_waited_for_not_started_again(micro, capsys):
@@ -347,10 +450,59 @@ def test_a_run_is_never_launched_by_other_code_than_its_identity_names(tmp_path)
         study.launch(spec, {}, None, None)
 
 
-def test_study_runs_train_py_in_a_subprocess(tmp_path, data):
-    """The real launcher: one run of `python train.py ...` (a few seconds)."""
-    assert study.main(["balance", *MICRO, "--data_dir", str(data), "--dataset", "tiny", "--out_dir", str(tmp_path),
-                       "--variants", "uoe", "--aux", "0", "--seeds", "1", "--lr", "1e-3"]) == 0
-    run, = (tmp_path / "runs").iterdir()
-    assert "done: 3 steps" in (run / "train.log").read_text()
-    assert json.loads((run / "result.json").read_text())["final_val"] > 0
+def test_study_runs_train_py_in_a_subprocess_and_a_killed_run_resumes_to_the_same_numbers(tmp_path, data,
+                                                                                          monkeypatch, capsys):
+    """The real launcher: `python train.py ...` in subprocesses. A command is interrupted (Ctrl-C reaches it and
+    its run) after the run's first checkpoint; the rerun resumes it, and its result equals, to the bit, that of
+    the same run made without a stop by another command (at the same time, in another out_dir). About 15 s."""
+    argv = ["balance", *MICRO, "--data_dir", str(data), "--dataset", "tiny", "--variants", "uoe", "--aux", "0",
+            "--seeds", "1", "--lr", "1e-3", "--steps", "240", "--eval_interval", "20", "--log_interval", "20"]
+    cut_dir, whole_dir = tmp_path / "cut", tmp_path / "whole"
+    real, children = study.launch, {}
+
+    def spy(spec, *args, **kwargs):
+        children[spec["dir"]] = p = real(spec, *args, **kwargs)
+        return p
+    monkeypatch.setattr(study, "launch", spy)
+
+    def ctrl_c_after_the_first_checkpoint():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            for d, p in list(children.items()):
+                if d.startswith(str(cut_dir)) and (Path(d) / "train" / "ckpt.pt").exists():
+                    # the terminal's Ctrl-C reaches both: a real signal to the main thread wakes it from its
+                    # sleep at once, as it would be woken in a command of one thread
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    p.send_signal(signal.SIGINT)
+                    return
+            time.sleep(0.005)
+    whole_code = []
+    whole = threading.Thread(target=lambda: whole_code.append(study.main([*argv, "--out_dir", str(whole_dir)])))
+    cutter = threading.Thread(target=ctrl_c_after_the_first_checkpoint)
+    # Ctrl-C raises KeyboardInterrupt here, as in a command (train.main, run in this process by other tests,
+    # leaves its own handler behind)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    whole.start()
+    cutter.start()
+    try:
+        assert study.main([*argv, "--out_dir", str(cut_dir)]) == 130
+    finally:
+        cutter.join()
+        whole.join()
+        signal.signal(signal.SIGINT, handler)
+    run, = (cut_dir / "runs").iterdir()
+    assert whole_code == [0] and "done: 240 steps" in (whole_dir / "runs" / run.name / "train.log").read_text()
+    assert not (run / "result.json").exists() and (run / "train" / "ckpt.pt").is_file()
+    assert "stopped by SIGINT" in (run / "train.log").read_text()     # it saved on its own signal, only one
+    capsys.readouterr()
+
+    assert study.main([*argv, "--out_dir", str(cut_dir)]) == 0
+    line, = [x for x in capsys.readouterr().out.splitlines() if "resuming" in x]
+    step = int(line.rsplit(" ", 1)[1])
+    assert line == f"  resuming {run.name} at step {step}" and 20 <= step < 240
+    cut = json.loads((run / "result.json").read_text())
+    ref = json.loads((whole_dir / "runs" / run.name / "result.json").read_text())
+    assert [e[0] for e in cut["evals"]] == list(range(0, 241, 20))
+    for key in ("final_val", "evals", "routing", "identity"):
+        assert cut[key] == ref[key], key
+    assert json.loads((run / "state.json").read_text())["segments"] == 2
