@@ -17,7 +17,8 @@ option that a checkpoint of an earlier version lacks takes its default, with a n
 Devices: cuda (bfloat16, compiled by default), cpu (float32), mps (Apple silicon: float32, not compiled by
 default, experts on the loop path, one process; untested: no Apple machine here).
 Exit codes: 0 finished; 2 bad input or a non-finite loss (one `error: ...` line, no checkpoint
-written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + signal number).
+written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + signal number); 141 stdout's
+pipe closed (`| head`): stopped at once, as SIGPIPE would, with ckpt.pt as last saved.
 DDP: each process takes its share of the gradient_accumulation_steps micro-steps (a multiple of
 --nproc_per_node); on CUDA (nccl) every process needs its own GPU (nproc_per_node <= GPUs), on CPU
 (gloo, or --device=cpu) the processes share the cores. Under torchrun, signal torchrun: it passes
@@ -604,7 +605,7 @@ def banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label):
 def check_run(values, explicit, procs, device):
     """Find everything wrong with the options, out_dir, the checkpoint to resume and the data before any
     training. Returns (train, cfg, ckpt or None, meta, splits, values with the checkpoint's settings, the
-    expert path: see expert_path)."""
+    expert path: see expert_path, precision's (compile?, bfloat16?, autocast context, dtype))."""
     master, ddp = procs.master, procs.ddp
     out_dir = Path(values["out_dir"])
     ckpt_path = out_dir / "ckpt.pt"
@@ -619,7 +620,8 @@ def check_run(values, explicit, procs, device):
     train, model_values = split_options(values)
     check_train_config(train, procs.world)
     cfg = make_model_config(model_values)       # validated before the (maybe slow) data preparation
-    use_compile, _, _, dtype = precision(train, device)
+    prec = precision(train, device)
+    use_compile, _, _, dtype = prec
     path = expert_path(cfg, device, dtype, use_compile)   # likewise
     meta, splits = open_dataset(train, master, ddp)
     cfg = fit_vocab(cfg, meta, explicit, ckpt, Path(train.data_dir) / train.dataset)
@@ -627,7 +629,7 @@ def check_run(values, explicit, procs, device):
         if len(data) <= cfg.block_size:
             raise UserError(f"block_size {cfg.block_size} is longer than the {split} split ({len(data)} tokens); "
                             f"use --block_size={len(data) - 1} or less, or more data")
-    return train, cfg, ckpt, meta, splits, values, path
+    return train, cfg, ckpt, meta, splits, values, path, prec
 
 
 def build(cfg, train, ckpt, device, rank):
@@ -689,7 +691,10 @@ def start_process(device_name):
 
 def precision(train, device):
     """(compile?, bfloat16?, the autocast context, the dtype the matmuls run in) of this run on device;
-    on CUDA, float32 matmuls may use TF32."""
+    on CUDA, float32 matmuls may use TF32. mps runs float32 only: bfloat16 there is untested."""
+    if device.type == "mps" and train.dtype == "bfloat16":
+        raise UserError("--device=mps runs float32 only (bfloat16 on Apple silicon is untested here); "
+                        "drop --dtype=bfloat16 or use --dtype=float32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     use_compile = train.compile if train.compile is not None else device.type == "cuda"
@@ -825,11 +830,11 @@ def main(argv):
     values, explicit = parse_args(argv)
     procs, device = start_process(values["device"])
     master = procs.master
-    train, cfg, ckpt, meta, splits, values, path = check_run(values, explicit, procs, device)
+    train, cfg, ckpt, meta, splits, values, path, prec = check_run(values, explicit, procs, device)
     out_dir, ckpt_path = Path(train.out_dir), Path(train.out_dir) / "ckpt.pt"
     raw_model, optimizer, batch_rng, (step, tokens, best_val) = build(cfg, train, ckpt, device, procs.rank)
     del ckpt                                    # free the memory of a second copy of the weights
-    use_compile, use_bf16, ctx, dtype = precision(train, device)
+    use_compile, use_bf16, ctx, dtype = prec
     compiled = torch.compile(raw_model) if use_compile else raw_model
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if procs.ddp else compiled
     peak, peak_label = mfu_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else (None, "")
@@ -917,6 +922,14 @@ if __name__ == "__main__":
     except KeyboardInterrupt:       # Ctrl-C before training started: nothing to save
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         code = 130
+    except BrokenPipeError:         # `python train.py | head`: the reader left, so stop as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when exit flushes
+        try:
+            sys.stderr.write("error: the output pipe closed, so the run stopped; ckpt.pt (if any) holds the last "
+                             "checkpoint: continue it with --init_from=resume\n")
+        except BrokenPipeError:     # stderr went down the same pipe
+            pass
+        code = 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)

@@ -162,14 +162,14 @@ class UoEFFN(nn.Module):
         they were computed for all experts, else the chosen experts finish them from a (N, E, N_s).
         x (N, C); topk_idx, gates (N, K); a and h in the compute dtype. The choice may come from
         anywhere (e.g. another router): only topk_idx and gates say which experts and how much."""
-        config, weights = self.config, self.expert_weights()
+        config = self.config
         path = resolve_expert_path(config, x.device, compute_dtype(x))
         if config.vse and config.uoe_output == "once":                 # R_i is in the VSE already
-            out = dispatch(x, topk_idx, swiglu_expert, weights, path=path)
+            out = dispatch(x, topk_idx, swiglu_expert, self.expert_weights(routing=False), path=path)
         elif config.vse or config.route_score == "swiglu":           # h_i were computed for all experts
-            out = dispatch(x, topk_idx, uoe_expert_from_h, weights, reused=h, path=path)
+            out = dispatch(x, topk_idx, uoe_expert_from_h, self.expert_weights(), reused=h, path=path)
         else:                             # no VSE, score without h: h_i only for the chosen experts
-            out = dispatch(x, topk_idx, uoe_expert_from_a, weights, reused=a, path=path)
+            out = dispatch(x, topk_idx, uoe_expert_from_a, self.expert_weights(), reused=a, path=path)
         # out (N, K, C): expert topk_idx[t, k]'s output on token t; the gated sum over the K chosen
         return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
 
@@ -181,12 +181,16 @@ class UoEFFN(nn.Module):
         w_down_routing = self.w_down[:, :self.n_routing, :].reshape(E * self.n_routing, C)   # (E*N_s, C)
         return h.reshape(-1, E * self.n_routing) @ w_down_routing
 
-    def expert_weights(self):
-        """UoEExpertWeights of all experts. Slicing the stacked tensors once, rather than each expert's,
-        keeps backward at one copy per tensor."""
+    def expert_weights(self, routing=True):
+        """The chosen experts' weights, stacked over experts: Q_i's units N_s..D-1 as SwiGLUWeights, with
+        routing=True as UoEExpertWeights, which add R_i's W_p and W_o (the grouped path casts every
+        tensor it gets, so Q_i alone gets only Q_i's). Slicing the stacked tensors once, rather than
+        each expert's, keeps backward at one copy per tensor."""
         Ns = self.n_routing
-        return UoEExpertWeights(gate=self.w_gate[:, :, Ns:], up=self.w_up[:, :, Ns:], down=self.w_down[:, Ns:],
-                                routing_up=self.w_up[:, :, :Ns], routing_down=self.w_down[:, :Ns])
+        q = SwiGLUWeights(gate=self.w_gate[:, :, Ns:], up=self.w_up[:, :, Ns:], down=self.w_down[:, Ns:])
+        if not routing:
+            return q
+        return UoEExpertWeights(*q, routing_up=self.w_up[:, :, :Ns], routing_down=self.w_down[:, :Ns])
 
 
 class UoEExpertWeights(NamedTuple):

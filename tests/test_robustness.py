@@ -258,6 +258,21 @@ def test_sigint_and_sigterm_save_a_final_checkpoint_and_exit_cleanly(data, tmp_p
                     f"resume with: python train.py --data_dir={data} --out_dir={out} --device=cpu --init_from=resume")
 
 
+def test_a_closed_output_pipe_stops_with_one_line_and_exit_141_keeping_the_checkpoint(data, tmp_path):
+    """`python train.py | head -3`: the reader leaves; train.py stops as SIGPIPE would, no traceback."""
+    out = tmp_path / "out"
+    proc = start_train(*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=1000",
+                       "--eval_interval=2")
+    wait_for_step(proc, out, 3)                  # checkpointed at step 2
+    proc.stdout.close()                          # the reader leaves: the next print meets a closed pipe
+    stderr = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 141, stderr
+    assert stderr == ("error: the output pipe closed, so the run stopped; ckpt.pt (if any) holds the last "
+                      "checkpoint: continue it with --init_from=resume\n")
+    assert assert_loadable_and_finite(out / "ckpt.pt")["step"] >= 2
+
+
 def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint_and_resume_loses_only_steps_since_it(data, tmp_path):
     common = [*TINY, f"--data_dir={data}", "--dataset=tiny", "--eval_interval=5", "--ckpt_interval=1"]
     out = tmp_path / "out"

@@ -164,6 +164,9 @@ def test_mps_runs_float32_eager_on_the_loop_path_and_is_a_one_line_error_without
     assert train.expert_path(train.make_model_config(model), device, dtype, use_compile) == "loop"
     tc, _ = train.split_options(train.parse_args(["--device=mps", "--compile=True"])[0])
     assert train.precision(tc, device)[0] is True                       # compile: off by default only
+    tc, _ = train.split_options(train.parse_args(["--device=mps", "--dtype=bfloat16"])[0])
+    with pytest.raises(train.UserError, match=r"^--device=mps runs float32 only .*; drop --dtype=bfloat16 or use"):
+        train.precision(tc, device)
     with pytest.raises(train.UserError, match="--expert_path=grouped does not run on mps .*; use --expert_path=loop"):
         train.expert_path(train.GPTConfig(expert_path="grouped"), device, dtype)
     with pytest.raises(train.UserError, match="--device=mps runs one process only"):
