@@ -450,59 +450,49 @@ def test_a_run_is_never_launched_by_other_code_than_its_identity_names(tmp_path)
         study.launch(spec, {}, None, None)
 
 
+# train.py as run by the study, but it sends itself SIGINT (a Ctrl-C) while taking step STOP_AT: a stop at a
+# known step, where a signal from outside would race the run
+STOPPED_TRAIN = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import train
+get_lr = train.get_lr
+def get_lr_then_ctrl_c(step, tc):
+    if step == {stop_at}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return get_lr(step, tc)
+train.get_lr = get_lr_then_ctrl_c
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def test_study_runs_train_py_in_a_subprocess_and_a_killed_run_resumes_to_the_same_numbers(tmp_path, data,
                                                                                           monkeypatch, capsys):
-    """The real launcher: `python train.py ...` in subprocesses. A command is interrupted (Ctrl-C reaches it and
-    its run) after the run's first checkpoint; the rerun resumes it, and its result equals, to the bit, that of
-    the same run made without a stop by another command (at the same time, in another out_dir). About 15 s."""
+    """The real launcher: `python train.py ...` in subprocesses. A run stopped by a Ctrl-C at step 50 (after
+    the checkpoint of step 40) fails its command; the rerun resumes it from the checkpoint its signal saved,
+    and its result equals, to the bit, that of the same run made without a stop in another out_dir."""
     argv = ["balance", *MICRO, "--data_dir", str(data), "--dataset", "tiny", "--variants", "uoe", "--aux", "0",
-            "--seeds", "1", "--lr", "1e-3", "--steps", "240", "--eval_interval", "20", "--log_interval", "20"]
+            "--seeds", "1", "--lr", "1e-3", "--steps", "120", "--eval_interval", "20", "--log_interval", "20"]
     cut_dir, whole_dir = tmp_path / "cut", tmp_path / "whole"
-    real, children = study.launch, {}
+    assert study.main([*argv, "--out_dir", str(whole_dir)]) == 0
 
-    def spy(spec, *args, **kwargs):
-        children[spec["dir"]] = p = real(spec, *args, **kwargs)
-        return p
-    monkeypatch.setattr(study, "launch", spy)
-
-    def ctrl_c_after_the_first_checkpoint():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            for d, p in list(children.items()):
-                if d.startswith(str(cut_dir)) and (Path(d) / "train" / "ckpt.pt").exists():
-                    # the terminal's Ctrl-C reaches both: a real signal to the main thread wakes it from its
-                    # sleep at once, as it would be woken in a command of one thread
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                    p.send_signal(signal.SIGINT)
-                    return
-            time.sleep(0.005)
-    whole_code = []
-    whole = threading.Thread(target=lambda: whole_code.append(study.main([*argv, "--out_dir", str(whole_dir)])))
-    cutter = threading.Thread(target=ctrl_c_after_the_first_checkpoint)
-    # Ctrl-C raises KeyboardInterrupt here, as in a command (train.main, run in this process by other tests,
-    # leaves its own handler behind)
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    whole.start()
-    cutter.start()
-    try:
-        assert study.main([*argv, "--out_dir", str(cut_dir)]) == 130
-    finally:
-        cutter.join()
-        whole.join()
-        signal.signal(signal.SIGINT, handler)
+    real = study.train_command
+    stopped = STOPPED_TRAIN.format(repo=str(study.REPO), stop_at=50)
+    monkeypatch.setattr(study, "train_command", lambda spec, resume=False: [sys.executable, "-c", stopped, *real(spec, resume)[2:]])
+    assert study.main([*argv, "--out_dir", str(cut_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "train.py failed for uoe" in err and "(exit 130)" in err
     run, = (cut_dir / "runs").iterdir()
-    assert whole_code == [0] and "done: 240 steps" in (whole_dir / "runs" / run.name / "train.log").read_text()
     assert not (run / "result.json").exists() and (run / "train" / "ckpt.pt").is_file()
-    assert "stopped by SIGINT" in (run / "train.log").read_text()     # it saved on its own signal, only one
-    capsys.readouterr()
+    assert "stopped by SIGINT at step 51" in (run / "train.log").read_text()
 
+    monkeypatch.setattr(study, "train_command", real)
     assert study.main([*argv, "--out_dir", str(cut_dir)]) == 0
-    line, = [x for x in capsys.readouterr().out.splitlines() if "resuming" in x]
-    step = int(line.rsplit(" ", 1)[1])
-    assert line == f"  resuming {run.name} at step {step}" and 20 <= step < 240
+    assert [x for x in capsys.readouterr().out.splitlines() if "resuming" in x] == [f"  resuming {run.name} at step 51"]
     cut = json.loads((run / "result.json").read_text())
     ref = json.loads((whole_dir / "runs" / run.name / "result.json").read_text())
-    assert [e[0] for e in cut["evals"]] == list(range(0, 241, 20))
+    assert [e[0] for e in cut["evals"]] == list(range(0, 121, 20))
     for key in ("final_val", "evals", "routing", "identity"):
         assert cut[key] == ref[key], key
     assert json.loads((run / "state.json").read_text())["segments"] == 2
+    assert not (run / "train" / "ckpt.pt").exists()
