@@ -248,4 +248,8 @@ def write_html(path, title, pages, n_expert):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:      # `python sample.py | head`: the reader has what it wanted; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when exit flushes
+        sys.exit(141)            # 128 + SIGPIPE, as train.py and a program killed by SIGPIPE

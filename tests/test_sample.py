@@ -263,3 +263,15 @@ def test_routed_bpe_pieces_join_to_the_decoded_text():
     pieces = token_pieces(enc.decode, ids)
     assert len(pieces) == len(ids) and "".join(pieces) == enc.decode(ids)
     assert "\ufffd" not in "".join(pieces)
+
+
+def test_a_closed_output_pipe_ends_quietly_with_exit_141(runs):
+    """`python sample.py | head -1`: the reader leaves after one line; no BrokenPipeError traceback."""
+    # unbuffered: the first line comes at once, and every later print meets the closed pipe
+    p = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={runs['uoe']}", "--num_samples=50",
+                          "--max_new_tokens=20"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**ENV, "PYTHONUNBUFFERED": "1"})
+    p.stdout.readline()
+    p.stdout.close()
+    stderr = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and stderr == b""
