@@ -6,7 +6,7 @@ made by train.py. Does UoE beat MoE, and by how much, with intervals a statistic
     python study.py quality --preset train    # train.py's default model and length (4 x 128, 1000 steps)
     python study.py ablate                    # the paper's UoE ablations against the full UoE
     python study.py balance                   # expert load of moe and uoe without (and with) the aux loss
-    python study.py report                    # both budgets: markdown, JSON and a figure for RESULTS.md
+    python study.py report                    # the budgets run: markdown, JSON and a figure for RESULTS.md
     python study.py quality --help            # sizes, what each preset costs
 
 (`python bench.py quality|ablate|balance` run the same commands.) The size flags describe the UoE
@@ -35,10 +35,13 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -198,8 +201,13 @@ def gap_curve(a, b):
     return out
 
 
-def fmt_pm(m, s, digits=4):
-    return "–" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
+def fmt_pm(m, s, digits=4, n=None):
+    """m ± s; with n = 1 (one seed: no spread to show) m ± –; with s None, m alone."""
+    if m is None:
+        return "–"
+    if n is not None and n < 2:
+        return f"{m:.{digits}f} ± –"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
 def fmt_ci(d, digits=4):
@@ -513,15 +521,33 @@ def run_all(specs, args, progress):
 
 
 STOP_GRACE = 30    # seconds a run that got the Ctrl-C too has to finish its step and save, before it is signalled
+SIGNAL_SEEN = 2    # seconds a run that got the signal too has to say so in its log (train.py prints it at once)
+
+
+def got_signal(spec, log_start):
+    """Whether the running segment of spec's run has said that it got SIGINT/SIGTERM (train.py's line
+    "SIGINT: stopping after this step to save a checkpoint ...")."""
+    try:
+        with open(Path(spec["dir"]) / "train.log", "rb") as f:
+            f.seek(log_start)
+            return re.search(rb"SIG[A-Z]+: stopping after this step", f.read()) is not None
+    except OSError:
+        return False
 
 
 def stop_runs(running, interrupted):
     """Interrupted or failed: stop our own runs, each saving a checkpoint to resume (train.py saves on
     SIGINT/SIGTERM after its current step), and record their segments' time. Ctrl-C in a terminal (or a kill
     of the whole process group) reaches the runs too, and a second signal would make train.py quit at once
-    without saving: so after an interrupt the runs first get STOP_GRACE seconds to exit on their own."""
+    without saving: so after an interrupt a run that says it got the signal gets STOP_GRACE seconds to exit on
+    its own, and one that does not (the signal was for this command alone: kill PID) is passed it now. A run
+    that finished meanwhile (exit 0) gets its result, rather than being resumed by the next command."""
     alive = [item for item in running if item[1].poll() is None]
     if interrupted and alive:
+        time.sleep(SIGNAL_SEEN)
+        for s, p, *_, log_start in alive:
+            if p.poll() is None and not got_signal(s, log_start):
+                p.terminate()
         print(f"  waiting up to {STOP_GRACE} s for {len(alive)} run(s) to save a checkpoint", file=sys.stderr,
               flush=True)
         deadline = time.time() + STOP_GRACE
@@ -530,7 +556,7 @@ def stop_runs(running, interrupted):
                 item[1].wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-    for s, p, log, c, t0, seconds, _ in running:
+    for s, p, log, c, t0, seconds, log_start in running:
         try:
             if p.poll() is None:
                 p.terminate()
@@ -539,21 +565,51 @@ def stop_runs(running, interrupted):
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-            end_segment(s, seconds, t0)
-        except OSError:
+            seconds = end_segment(s, seconds, t0)
+            log.close()
+            if p.returncode == 0:
+                finish_run(s, 0, seconds, log_start)
+        except (OSError, ValueError):
             pass            # state.json not updated: the next resume counts this segment up to its last checkpoint
         finally:
             log.close()
             c.close()
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped by SIGINT/SIGTERM (most often: a Ctrl-C or kill that reached the runs but not this
+    command): the command stops as if interrupted, and the next one resumes the run."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to this command: stop as on Ctrl-C (see main)."""
+
+
+STOP_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)   # train.py's; killed
+
+
+def stopped_line(spec, returncode, text):
+    """The line for a run that a signal stopped (train.py exits 128 + signal after saving a checkpoint; a process
+    killed by one before its handler was set exits -signal), else None."""
+    if returncode not in STOP_CODES:
+        return None
+    m = re.search(r"stopped by SIG[A-Z]+ at step (\d+)", text)
+    where = f"saved at step {m[1]}" if m and (Path(spec["dir"]) / "train" / "ckpt.pt").exists() else \
+        f"stopped by a signal (exit {returncode}) before it saved a checkpoint"
+    return f"{Path(spec['dir']).name} {where}; rerun the command to continue"
+
+
 def finish_run(spec, returncode, seconds, log_start=0):
     """A run's result.json from its exit code and the log of its last segment (train.log from log_start); a
-    failure other than divergence is a UserError. Its checkpoint is deleted once the result is written."""
+    run stopped by a signal raises Stopped, any other failure but divergence a UserError. Its checkpoint is
+    deleted once the result is written."""
     with open(Path(spec["dir"]) / "train.log", "rb") as f:
         f.seek(log_start)
         text = f.read().decode(errors="replace")
     diverged = returncode == 2 and "non-finite loss" in text
+    stopped = stopped_line(spec, returncode, text)
+    if stopped:
+        raise Stopped(stopped)
     if returncode != 0 and not diverged:
         last = ([line for line in text.splitlines() if line.strip()] or ["(no output)"])[-1]
         raise UserError(f"train.py failed for {spec['label']} lr {spec['lr']:g} seed {spec['seed']} "
@@ -638,6 +694,7 @@ def quality(args):
     comparisons = {f"{a} − {b}": paired_difference(rows[a]["val_per_seed"], rows[b]["val_per_seed"])
                    for a, b in COMPARISONS if a in rows and b in rows}
     runs = sum(len(x) for x in [*sweep.values(), *specs.values()])
+    # run_seconds: the mean over the reported runs (done holds those alone); the report says so
     result = dict(command="quality", **settings(args, base), lrs=args.lrs, sweep_seeds=sweep_seeds(args),
                   best_lr=best, variants=rows, comparisons=comparisons, runs=runs, seconds=time.time() - t0,
                   run_seconds=statistics.fmean(r["seconds"] for r in done.values()))
@@ -707,7 +764,8 @@ def balance(args):
         for layer in range(base.n_layer if per_seed else 0):
             stat = {k: [p[layer][k] for p in per_seed.values()] for k in ("ent_load", "max_load", "min_load")}
             rows.append(dict(variant=v, aux_loss_coef=coef, layer=layer, lr=lrs[v][0], seeds=len(per_seed),
-                             **{k: mean_std(x) for k, x in stat.items()}, val=mean_std(finals),
+                             **{k: mean_std(x) for k, x in stat.items()},
+                             val=mean_std(finals) if finals else (None, None), val_seeds=len(finals),
                              max_over_min=statistics.fmean(a / b if b > 0 else math.inf
                                                            for a, b in zip(stat["max_load"], stat["min_load"]))))
     first = args.variants[0]                         # paired by seed: each variant minus the first (uoe - moe)
@@ -733,53 +791,143 @@ def report(result, table, args, plot=None):
     return result
 
 
+def read_study_json(path, preset):
+    """A command's JSON (a dict), or None when there is none; one that cannot be read is a UserError."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        command = path.name.split("_")[0]
+        raise UserError(f"cannot read {path} ({e}); delete it and run python study.py {command} --preset {preset} "
+                        f"--out_dir {path.parent} again to rewrite it (its finished runs are reused)") from None
+    return obj
+
+
+def fingerprint_words(fp):
+    return (f"code {fp['code_sha256'][:8]} (sha256 of {' + '.join(CODE_FILES)}), corpus {fp['data_sha256'][:8]} "
+            f"(sha256 of train.bin + val.bin), torch {fp['torch']}")
+
+
+def code_warnings(docs, now):
+    """One line per kind of mismatch of code fingerprints among docs ({name: a command's JSON}): between them, and
+    against the code now (`now`, its sha256)."""
+    codes = {name: d["fingerprint"]["code_sha256"] for name, d in docs.items()}
+    lines = []
+    if len(set(codes.values())) > 1:
+        lines.append("**Warning**: these results were made with different code (" +
+                     ", ".join(f"{name}: {c[:8]}" for name, c in codes.items()) + "): a difference between them "
+                     "may be the code's")
+    stale = [name for name, c in codes.items() if c != now]
+    if stale:
+        lines.append(f"**Warning**: {', '.join(stale)} {'was' if len(stale) == 1 else 'were'} made with other code "
+                     f"than {' + '.join(CODE_FILES)} now ({now[:8]}); rerun the command(s) to bring them up to date")
+    return lines
+
+
 def study_report(args):
-    """Both budgets in one document: headline sentences, tables and one figure, for RESULTS.md."""
-    found = {}
+    """The budgets asked for, in one document: headline sentences, tables and one figure, for RESULTS.md. A
+    budget whose quality JSON is missing gets a line saying so; one that cannot be read stops the report."""
+    found, missing = {}, []
     for p in args.presets:
-        try:
-            found[p] = json.loads((Path(args.out_dir) / f"quality_{p}.json").read_text())
-        except (OSError, ValueError):
-            continue
+        q = read_study_json(Path(args.out_dir) / f"quality_{p}.json", p)
+        if q is None:
+            missing.append(p)
+        else:
+            found[p] = q
     if not found:
         raise UserError(f"no quality_<preset>.json in {args.out_dir}; run python study.py quality --preset "
                         f"{args.presets[0]} first")
-    lines = ["# Does UoE beat MoE? The study at two budgets", ""]
+    ablations = {p: a for p in found if (a := read_study_json(Path(args.out_dir) / f"ablate_{p}.json", p))}
+    names = [f"`{p}`" for p in found]
+    lines = [f"# Does UoE beat MoE? The study at budget{'s' if len(names) > 1 else ''} "
+             f"{', '.join(names[:-1]) + ' and ' if len(names) > 1 else ''}{names[-1]}", ""]
+    lines += [f"- budget `{p}`: no quality_{p}.json in {args.out_dir} (not run, or its command has not finished)"
+              for p in missing]
+    now = sha256_of(REPO / f for f in CODE_FILES)
+    docs = {**{f"quality_{p}.json": q for p, q in found.items()},
+            **{f"ablate_{p}.json": a for p, a in ablations.items()}}
+    lines += [f"- {w}" for w in code_warnings(docs, now)]
+    if lines[-1]:
+        lines.append("")
     headline = {}
     for p, q in found.items():
         headline[p] = {k: q["comparisons"][k] for k in ("uoe − moe", "moe − dense") if k in q["comparisons"]}
-        lines += [f"## Budget `{p}`: {budget(q)}; lr chosen on held-out seed(s) {q['sweep_seeds']}; {q['runs']} "
-                  f"runs, {fmt_duration(q['run_seconds'])} per run", ""]
-        lines += [f"- {sentence(k, d)}" for k, d in headline[p].items()]
+        reported = sum(len(r["val_per_seed"]) for r in q["variants"].values())
+        lines += [f"## Budget `{p}`: {budget(q)}; lr chosen on held-out seed(s) {q['sweep_seeds']}; {q['runs']} runs "
+                  f"({q['runs'] - reported} sweep, {reported} reported), {fmt_duration(q['run_seconds'])} per "
+                  "reported run (mean)", "", f"Made with {fingerprint_words(q['fingerprint'])}.", ""]
+        lines += [f"- {sentence(k, d, q)}" for k, d in headline[p].items()]
+        named = {v for k in headline[p] for v in k.split(" − ")}
+        others = [v for v, r in q["variants"].items() if r["best_at_edge"] and v not in named]
+        if others:
+            lines.append(f"- Caveat: {edge_words(q, others)}.")
         lines += ["", quality_table(q), ""]
-        try:
-            ab = json.loads((Path(args.out_dir) / f"ablate_{p}.json").read_text())
-            lines += [ablate_table(ab), ""]
-        except (OSError, ValueError):
-            pass
+        if p in ablations:
+            lines += [ablate_table(ablations[p]), ""]
     out = Path(args.out_dir) / "study_report"
     figure = plot_budgets(list(found.values()), out.with_suffix(".png")) if args.plot == "on" else None
     if figure:
         lines += [f"![validation loss against tokens at each budget]({Path(figure).name})", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
-    write_json(out.with_suffix(".json"), dict(headline=headline, budgets=found, figure=figure))
+    write_json(out.with_suffix(".json"), dict(headline=headline, budgets=found, missing=missing,
+                                              code_sha256_now=now, figure=figure))
     print("\n".join(lines))
     print(f"wrote {out.with_suffix('.md')}")
 
 
-def sentence(name, d):
-    """One sentence: a paired difference with its interval and its verdict."""
-    if d["ci"] is None:
-        return f"**{name}** = {fmt_pm(d['mean'], None)} over {d['n']} seed(s): no interval."
+def seed_counts(r):
+    """(seeds that did not diverge, runs) of a variant's summary (seed_summary's val_per_seed)."""
+    vals = list(r["val_per_seed"].values())
+    return sum(v is not None for v in vals), len(vals)
+
+
+def fmt_seeds(r):
+    n, runs = seed_counts(r)
+    return f"{n}" if n == runs else f"{n} ({runs - n} of {runs} diverged)"
+
+
+def edge_words(q, variants):
+    """The variants' chosen lrs at the edge of q's sweep, in words."""
+    lrs = {lr: "highest" if lr == max(q["lrs"]) else "lowest" for lr in q["lrs"]}
+    return ("the best lr is at the edge of the sweep for " + ", ".join(
+        f"{v} ({q['variants'][v]['best_lr']:g}, its {lrs[q['variants'][v]['best_lr']]})" for v in variants)
+        + "; a wider --lrs may find a better one")
+
+
+def sentence(name, d, q=None):
+    """One sentence: a paired difference with its interval and its verdict; with q (the quality result it is
+    from), what may qualify it: its variants' diverged runs, a chosen lr at the edge of the sweep."""
     a, b = name.split(" − ")
-    return f"**{name}** = {d['mean']:+.4f} (95% CI {fmt_ci(d)}, {d['n']} paired seeds): {verdict(d, a, b)}."
+    if d["ci"] is None:
+        out = f"**{name}** = {fmt_pm(d['mean'], None)} over {d['n']} seed(s): no interval."
+    else:
+        out = f"**{name}** = {d['mean']:+.4f} (95% CI {fmt_ci(d)}, {d['n']} paired seeds): {verdict(d, a, b)}."
+    if q is None:
+        return out
+    rows = {v: q["variants"][v] for v in (a, b) if v in q["variants"]}
+    diverged = [f"{runs - n} of {runs} {v} runs diverged (left out of the pairs)"
+                for v, r in rows.items() for n, runs in [seed_counts(r)] if n < runs]
+    if diverged:
+        out += f" Diverged: {'; '.join(diverged)}."
+    edge = [v for v, r in rows.items() if r["best_at_edge"]]
+    if edge:
+        out += f" Caveat: {edge_words(q, edge)}."
+    return out
 
 
 # -----------------------------------------------------------------------------
 # tables and figures
 
+DIVERGED_POLICY = ("a run that diverged (non-finite loss) is left out of the mean and of the paired differences, "
+                   "and counted (seeds: \"n (k of N diverged)\")")
+
+
 def paired_table(comparisons):
-    lines = ["| comparison | paired difference of final val loss ± SE | 95% CI (t, n − 1) | seeds | verdict |",
+    lines = ["| comparison | paired difference of final val loss ± SE | 95% CI (t, n − 1) | pairs (n) | verdict |",
              "|---|---:|---:|---:|---|"]
     for name, d in comparisons.items():
         a, b = name.split(" − ")
@@ -791,17 +939,17 @@ def quality_table(res):
     lrs = res["lrs"]
     lines = [f"Quality at matched active FLOPs per token: {res['dataset']}, {res['steps']} steps, "
              f"{res['tokens'] / 1e6:.2f}M tokens; the sweep: val loss at each lr on held-out seed(s) "
-             f"{res['sweep_seeds']} (mean), never reported; then mean ± std over the {res['seeds']} reported seeds, "
-             "each trained afresh at the variant's best lr", "",
+             f"{res['sweep_seeds']} (mean), never reported; then reported seeds 0..{res['seeds'] - 1}, each trained "
+             f"afresh at the variant's best lr: val loss mean ± std over its n seeds; {DIVERGED_POLICY}", "",
              "| variant | D | total params | active params | fwd MFLOP/tok | FLOPs vs UoE | "
-             + " | ".join(f"sweep lr {lr:g}" for lr in lrs) + " | best lr | val loss |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(lrs) + "---:|---:|"]
+             + " | ".join(f"sweep lr {lr:g}" for lr in lrs) + " | best lr | val loss | seeds |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(lrs) + "---:|---:|---:|"]
     for v, r in res["variants"].items():
         sweep = " | ".join("diverged" if r["sweep"][str(lr)] is None else f"{r['sweep'][str(lr)]:.4f}" for lr in lrs)
         lines.append(f"| {v} | {r['expert_hidden']} | {r['params_total'] / 1e6:.3f}M | "
                      f"{r['params_active'] / 1e6:.3f}M | {r['fwd_flops_per_token'] / 1e6:.3f} | "
                      f"{r['flop_mismatch']:+.2%} | {sweep} | {r['best_lr']:g}{' (edge)' if r['best_at_edge'] else ''}"
-                     f" | {fmt_pm(r['val_mean'], r['val_std'])} |")
+                     f" | {fmt_pm(r['val_mean'], r['val_std'], n=seed_counts(r)[0])} | {fmt_seeds(r)} |")
     lines += ["", *paired_table(res["comparisons"])]
     if any(r["best_at_edge"] for r in res["variants"].values()):
         lines += ["", "(edge): the best lr is at the edge of the sweep; a wider --lrs may find a better one"]
@@ -810,32 +958,35 @@ def quality_table(res):
 
 def ablate_table(res):
     lines = [f"UoE ablations: {res['dataset']}, {res['steps']} steps, {res['tokens'] / 1e6:.2f}M tokens, "
-             f"lr {res['lr']:g} ({res['lr_source']}); same D as UoE; val loss mean ± std over {res['seeds']} "
-             "seeds; difference to the full UoE paired by seed", "",
-             "| ablation | change | n_routing | fwd MFLOP/tok | FLOPs vs UoE | total params | val loss | "
-             "− UoE ± SE | 95% CI | verdict |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"lr {res['lr']:g} ({res['lr_source']}); same D as UoE; val loss mean ± std over the n seeds of seeds "
+             f"0..{res['seeds'] - 1}; difference to the full UoE paired by seed; {DIVERGED_POLICY}", "",
+             "| ablation | change | n_routing | fwd MFLOP/tok | FLOPs vs UoE | total params | val loss | seeds | "
+             "− UoE ± SE | 95% CI | pairs (n) | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for a, r in res["ablations"].items():
-        d = r["diff_vs_uoe"] or dict(mean=None, se=None)
+        d = r["diff_vs_uoe"] or dict(mean=None, se=None, n="")
         change = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(full UoE)"
         lines.append(f"| {a} | {change} | {r['n_routing']} | {r['fwd_flops_per_token'] / 1e6:.3f} | "
                      f"{r['flop_mismatch']:+.1%} | {r['params_total'] / 1e6:.3f}M | "
-                     f"{fmt_pm(r['val_mean'], r['val_std'])} | {fmt_pm(d['mean'], d['se'])} | {fmt_ci(d)} | "
+                     f"{fmt_pm(r['val_mean'], r['val_std'], n=seed_counts(r)[0])} | {fmt_seeds(r)} | "
+                     f"{fmt_pm(d['mean'], d['se'])} | {fmt_ci(d)} | {d['n']} | "
                      f"{verdict(d, a, 'uoe') if r['diff_vs_uoe'] else ''} |")
     return "\n".join(lines)
 
 
 def balance_table(res):
     lines = [f"Load balance: {res['dataset']}, {res['steps']} steps; routing of the training batches over the last "
-             f"10% of steps, mean ± std over {res['seeds']} seeds; Ent_load is at most "
+             f"10% of steps, mean ± std over the seeds (n) of seeds 0..{res['seeds'] - 1} that did not diverge; "
+             f"Ent_load is at most "
              f"ln E = {res['ent_load_max']:.3f}, a load of 1/E = {1 / res['base_config']['n_expert']:.3f} per "
              "expert is perfect balance", "",
-             "| variant | aux_loss_coef | layer | Ent_load | max load | min load | max / min | val loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | aux_loss_coef | layer | Ent_load | max load | min load | max / min | val loss | n |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        lines.append(f"| {r['variant']} | {r['aux_loss_coef']:g} | {r['layer']} | {fmt_pm(*r['ent_load'], 3)} | "
-                     f"{fmt_pm(*r['max_load'], 3)} | {fmt_pm(*r['min_load'], 3)} | {r['max_over_min']:.1f} | "
-                     f"{fmt_pm(*r['val'])} |")
+        n = r["seeds"]
+        lines.append(f"| {r['variant']} | {r['aux_loss_coef']:g} | {r['layer']} | {fmt_pm(*r['ent_load'], 3, n)} | "
+                     f"{fmt_pm(*r['max_load'], 3, n)} | {fmt_pm(*r['min_load'], 3, n)} | {r['max_over_min']:.1f} | "
+                     f"{fmt_pm(*r['val'], n=r.get('val_seeds', n))} | {n} |")
     if res["ent_load_diffs"]:
         lines += ["", "| Ent_load, paired by seed | aux_loss_coef | layer | difference ± SE | 95% CI | seeds |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -857,23 +1008,33 @@ def save_figure(fig, path):
     return str(path)
 
 
+# a variant's colour is fixed by its place in VARIANTS, so that it is the same in every figure and budget; the
+# differences are drawn in black and grey, which no variant has: (line, band), the bands shaded and hatched
+VARIANT_COLOURS = {v: f"C{i}" for i, v in enumerate(VARIANTS)}
+DIFF_STYLES = {COMPARISONS[0]: (dict(color="k", ls="-"), dict(color="k", alpha=0.12, lw=0)),
+               COMPARISONS[1]: (dict(color="0.5", ls="--"), dict(facecolor="none", edgecolor="0.6", hatch="///", lw=0))}
+
+
 def plot_budgets(results, path):
     """One row per budget (a quality result): val loss against tokens per variant (mean over the reported
     seeds); UoE − MoE and MoE − dense over training, paired by seed, with their 95% t intervals as bands."""
     fig = new_figure(12, 4.4 * len(results))
     axes = fig.subplots(len(results), 2, squeeze=False)
     for (ax, ax2), res in zip(axes, results):
-        for i, (v, r) in enumerate(res["variants"].items()):
+        for v, r in res["variants"].items():
             curves = [c for c in r["curves"].values() if c]
             n = min(map(len, curves), default=0)
             tok = [curves[0][j][1] / 1e6 for j in range(1, n)]
             val = [statistics.fmean(c[j][3] for c in curves) for j in range(1, n)]
-            ax.plot(tok, val, marker="o", ms=3, color=f"C{i}", label=f"{v} (D={r['expert_hidden']}, lr "
-                    f"{r['best_lr']:g}) {fmt_pm(r['val_mean'], r['val_std'], 3)}")
-        ax.set(xlabel="tokens seen (M)", ylabel="val loss (mean over seeds)",
+            k = seed_counts(r)[0]
+            final = "–" if r["val_mean"] is None else f"{r['val_mean']:.3f}" + (
+                f" (std {r['val_std']:.3f}, n={k})" if k > 1 else f" (n={k})")
+            ax.plot(tok, val, marker="o", ms=3, color=VARIANT_COLOURS[v],
+                    label=f"{v} (D={r['expert_hidden']}, lr {r['best_lr']:g}): {final}")
+        ax.set(xlabel="tokens seen (M)", ylabel="validation loss (nats/token)",
                title=f"{res['preset']}: {res['base_config']['n_layer']} x {res['base_config']['n_embd']}, "
-                     f"{res['dataset']}, matched active FLOPs")
-        for i, (a, b) in enumerate(COMPARISONS[:2]):
+                     f"{res['dataset']}, matched active FLOPs; mean over seeds")
+        for a, b in COMPARISONS[:2]:
             if a not in res["variants"] or b not in res["variants"]:
                 continue
             g = gap_curve(res["variants"][a]["curves"], res["variants"][b]["curves"])[1:]
@@ -881,12 +1042,12 @@ def plot_budgets(results, path):
             if g:
                 x, m, half = zip(*g)
                 x = [t / 1e6 for t in x]
-                ax2.plot(x, m, marker="o", ms=3, color=f"C{i}", label=f"{a} − {b}")
-                ax2.fill_between(x, [p - h for p, h in zip(m, half)], [p + h for p, h in zip(m, half)],
-                                 color=f"C{i}", alpha=0.15)
-        ax2.axhline(0, color="k", lw=0.8)
-        ax2.set(xlabel="tokens seen (M)", ylabel="val loss difference (band: 95% CI)",
-                title="paired differences (below 0: the first is better)")
+                line, band = DIFF_STYLES[(a, b)]
+                ax2.plot(x, m, marker="o", ms=3, label=f"{a} − {b}", **line)
+                ax2.fill_between(x, [p - h for p, h in zip(m, half)], [p + h for p, h in zip(m, half)], **band)
+        ax2.axhline(0, color="k", lw=0.6, ls=":")
+        ax2.set(xlabel="tokens seen (M)", ylabel="validation loss difference (nats/token)",
+                title="paired differences, band: 95% CI (below 0: the first is better)")
         for axis in (ax, ax2):
             axis.grid(alpha=0.3)
             if axis.get_legend_handles_labels()[0]:
@@ -907,7 +1068,7 @@ def plot_balance(res, path):
             n = min(len(r) for r in runs)
             ent = [statistics.fmean(r[j][1][layer] for r in runs) for j in range(n)]
             variant, aux = name.split(":aux")
-            ax.plot([runs[0][j][0] for j in range(n)], ent, color=f"C{list(res['lr']).index(variant)}",
+            ax.plot([runs[0][j][0] for j in range(n)], ent, color=VARIANT_COLOURS.get(variant),
                     ls="-" if float(aux) == 0 else "--", label=f"{variant}, aux_loss_coef {aux}")
         ax.axhline(res["ent_load_max"], color="k", lw=0.8, ls=":")
         ax.set(title=f"layer {layer}", xlabel="step", ylabel="Ent_load (training batch)")
@@ -955,16 +1116,17 @@ HELP = {
               "50 s (the 5 full-UoE ones are quality's when it ran first)",
     "balance": "expert load of UoE and MoE without the load-balancing loss (and with it, for reference); cpu: "
                "20 runs of about 50 s (10 are quality's when it ran first)",
-    "report": "both budgets in one document: OUT_DIR/study_report.md (headline sentences, tables), .json and .png "
+    "report": "the budgets of --presets (default cpu,train) in one document, each with the code, corpus and torch it "
+              "was made with: OUT_DIR/study_report.md (headline sentences, tables), .json and .png "
               "(val loss against tokens, UoE − MoE and MoE − dense over training with 95% bands)",
 }
 EPILOG = """Every run is `python train.py --key=value ...` (the same recipe as a run you start yourself), run in
 a subprocess with its own folder under OUT_DIR/runs/ and its result written there as soon as it
-finishes: interrupt at any time (Ctrl-C) and rerun the same command to continue; finished runs are
-skipped, a run cut short resumes from its last checkpoint (saved every eval_interval steps), and
---seeds N with a larger N adds seeds. Seeds are paired across variants: seed s gives every variant
-the same batches in the same order, the same evaluation batches, and the same initial embeddings
-and first attention layer.
+finishes: interrupt at any time (Ctrl-C, or SIGTERM) and rerun the same command to continue;
+finished runs are skipped, a run cut short resumes from its last checkpoint (saved every
+eval_interval steps, and on the interrupt), and --seeds N with a larger N adds seeds. Seeds are
+paired across variants: seed s gives every variant the same batches in the same order, the same
+evaluation batches, and the same initial embeddings and first attention layer.
 Presets: cpu (2 x 64, E=8, K=2, UoE D=128, block 128, batch 16, 500 steps = 1.0M tokens of
 pystdlib_char); train (python train.py's defaults: 4 x 128, E=8, K=2, D=256, block 256, batch 16,
 1000 steps = 4.1M tokens of pystdlib_char); both run 2 runs at a time on 1 thread each. gpu (8 x 512,
@@ -1035,12 +1197,37 @@ def parse_args(argv):
     return settle(args, PRESETS[args.preset], f"{args.command}_{args.preset}.json")
 
 
+INTERRUPTED = "interrupted: finished runs are kept; run the same command again to continue"
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv=None):
+    """The command line: 0 done, 2 a UserError (one line); stopped (one line): 130 on Ctrl-C or a run stopped by a
+    signal, 143 on SIGTERM to this command. Either way our runs save a checkpoint and the same command continues."""
+    code = {}
+
     def run(argv):
         args = parse_args(argv)
-        dict(quality=quality, ablate=ablate, balance=balance, report=study_report)[args.command](args)
-    return cli(run, sys.argv[1:] if argv is None else argv,
-               interrupted="interrupted: finished runs are kept; run the same command again to continue")
+        try:
+            dict(quality=quality, ablate=ablate, balance=balance, report=study_report)[args.command](args)
+        except KeyboardInterrupt as e:
+            # (after a Ctrl-C, on a line of its own: the terminal has echoed ^C)
+            print(f"stopped: {e}" if isinstance(e, Stopped) else f"\n{INTERRUPTED}", file=sys.stderr)
+            code["exit"] = 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+
+    # SIGTERM (kill, a scheduler, a container stop) stops the command as Ctrl-C does: by default it would end it
+    # at once, without stopping the runs (they would train on, orphaned) or recording their segments
+    main_thread = threading.current_thread() is threading.main_thread()       # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        rc = cli(run, sys.argv[1:] if argv is None else argv, interrupted=INTERRUPTED)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return code.get("exit", rc)
 
 
 if __name__ == "__main__":

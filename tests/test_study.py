@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -162,6 +163,31 @@ def test_the_checkpoint_interval_is_not_part_of_a_runs_identity(tmp_path):
     assert fresh[:2] == resume[:2] and set(fresh) - set(resume) == {"--overwrite=True"}
 
 
+def test_the_identity_of_a_run_is_pinned(tmp_path):
+    """A run's folder name holds a hash of its identity (options, role, fingerprints): a change to how it is
+    computed (recipe, run_spec, variant_configs, the presets) would make every finished run of a study in progress
+    unfindable, and rerun. These names were computed with the code of commit 8be963b, which made the runs of the
+    study of that time; change them only knowingly, with every study's runs to be made again."""
+    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--device", "cpu", "--data_dir", "/data"])
+    args.fingerprint = FINGERPRINT
+    base = uoe.GPTConfig(vocab_size=97, **{k: getattr(args, k) for k in study.MODEL_KEYS})
+    configs = study.variant_configs(base, list(study.VARIANTS))
+    names = {v: Path(study.run_spec(v, c, 4e-3, 0, args)["dir"]).name for v, c in configs.items()}
+    assert names == {"dense": "dense-D352-lr0.004-s0-75c0630552", "moe": "moe-D175-lr0.004-s0-f97f996bf3",
+                     "moe+shared": "moe-D116-lr0.004-s0-a7a4551bcd", "aoe": "aoe-D191-lr0.004-s0-0deb04f16f",
+                     "uoe": "uoe-D128-lr0.004-s0-389080416c"}
+    assert Path(study.run_spec("uoe", configs["uoe"], 1e-3, 1000, args, "sweep")["dir"]).name == \
+        "uoe-D128-lr0.001-s1000-sweep-c6c5c74501"
+    assert Path(study.run_spec("x", study.ablation_config(base, "n_routing_half"), 4e-3, 0, args)["dir"]).name == \
+        "uoe-D128-lr0.004-s0-1986cc11d8"
+    args = study.parse_args(["quality", "--preset", "train", "--out_dir", str(tmp_path), "--device", "cpu",
+                             "--data_dir", "/data"])
+    args.fingerprint = FINGERPRINT
+    base = uoe.GPTConfig(vocab_size=97, **{k: getattr(args, k) for k in study.MODEL_KEYS})
+    moe = study.variant_configs(base, ["moe"])["moe"]
+    assert Path(study.run_spec("moe", moe, 2e-3, 3, args)["dir"]).name == "moe-D351-lr0.002-s3-2d799b9e40"
+
+
 def change_first_token(path):
     with open(path, "r+b") as f:
         first = f.read(2)
@@ -277,7 +303,9 @@ def test_the_study_selects_on_held_out_seeds_and_reports_fresh_runs(micro, tmp_p
     assert study.main(["report", "--out_dir", str(tmp_path)]) == 0
     md = (tmp_path / "study_report.md").read_text()
     assert "## Budget `cpu`" in md and "- **uoe − moe** = " in md and "95% CI" in md
-    assert "| no_vse | vse=False |" in md and "![" in md and "`train`" not in md
+    assert "| no_vse | vse=False |" in md and "![" in md and "## Budget `train`" not in md
+    assert "- budget `train`: no quality_train.json in " in md and md.startswith("# Does UoE beat MoE? The study at "
+                                                                                   "budget `cpu`\n")
     rep = json.loads((tmp_path / "study_report.json").read_text())
     assert rep["headline"]["cpu"]["uoe − moe"] == res["comparisons"]["uoe − moe"]
     assert (tmp_path / "study_report.png").stat().st_size > 0
@@ -469,8 +497,9 @@ sys.exit(train.main(sys.argv[1:]))
 def test_study_runs_train_py_in_a_subprocess_and_a_killed_run_resumes_to_the_same_numbers(tmp_path, data,
                                                                                           monkeypatch, capsys):
     """The real launcher: `python train.py ...` in subprocesses. A run stopped by a Ctrl-C at step 50 (after
-    the checkpoint of step 40) fails its command; the rerun resumes it from the checkpoint its signal saved,
-    and its result equals, to the bit, that of the same run made without a stop in another out_dir."""
+    the checkpoint of step 40) stops its command (exit 130, one line: not a failure); the rerun resumes it from
+    the checkpoint its signal saved, and its result equals, to the bit, that of the same run made without a stop
+    in another out_dir."""
     argv = ["balance", *MICRO, "--data_dir", str(data), "--dataset", "tiny", "--variants", "uoe", "--aux", "0",
             "--seeds", "1", "--lr", "1e-3", "--steps", "120", "--eval_interval", "20", "--log_interval", "20"]
     cut_dir, whole_dir = tmp_path / "cut", tmp_path / "whole"
@@ -479,10 +508,10 @@ def test_study_runs_train_py_in_a_subprocess_and_a_killed_run_resumes_to_the_sam
     real = study.train_command
     stopped = STOPPED_TRAIN.format(repo=str(study.REPO), stop_at=50)
     monkeypatch.setattr(study, "train_command", lambda spec, resume=False: [sys.executable, "-c", stopped, *real(spec, resume)[2:]])
-    assert study.main([*argv, "--out_dir", str(cut_dir)]) == 2
-    err = capsys.readouterr().err
-    assert "train.py failed for uoe" in err and "(exit 130)" in err
+    assert study.main([*argv, "--out_dir", str(cut_dir)]) == 130
     run, = (cut_dir / "runs").iterdir()
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err == [f"stopped: {run.name} saved at step 51; rerun the command to continue"]
     assert not (run / "result.json").exists() and (run / "train" / "ckpt.pt").is_file()
     assert "stopped by SIGINT at step 51" in (run / "train.log").read_text()
 
@@ -496,3 +525,224 @@ def test_study_runs_train_py_in_a_subprocess_and_a_killed_run_resumes_to_the_sam
         assert cut[key] == ref[key], key
     assert json.loads((run / "state.json").read_text())["segments"] == 2
     assert not (run / "train" / "ckpt.pt").exists()
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+def fake_quality(preset, finals, code=None, best=None, lrs=(1e-3, 2e-3, 4e-3)):
+    """A quality_<preset>.json as study.quality writes it, from per-seed final val losses: finals
+    {variant: {seed: val or None (diverged)}}; best {variant: lr} (default the middle rate); code: the code's
+    sha256 (default the code now)."""
+    variants = {}
+    for v, per_seed in finals.items():
+        ok = [x for x in per_seed.values() if x is not None]
+        m, sd = study.mean_std(ok)
+        lr = (best or {}).get(v, lrs[1])
+        curves = {str(s): [] if x is None else [[0, 0, 4.0, 4.0], [5, 500, x + 0.5, x + 0.5], [10, 1000, x, x]]
+                  for s, x in per_seed.items()}
+        variants[v] = dict(expert_hidden=16, params_total=1e5, params_active=5e4, fwd_flops_per_token=1e5,
+                           flop_mismatch=0.0, sweep={str(x): 2.5 for x in lrs}, best_lr=lr,
+                           best_at_edge=lr in (min(lrs), max(lrs)),
+                           val_per_seed={str(s): x for s, x in per_seed.items()}, val_mean=m, val_std=sd,
+                           n_seeds=len(ok), curves=curves, runs=[])
+    comparisons = {f"{a} − {b}": study.paired_difference(finals[a], finals[b])
+                   for a, b in study.COMPARISONS if a in finals and b in finals}
+    seeds = max(len(x) for x in finals.values())
+    code = code or study.sha256_of(study.REPO / f for f in study.CODE_FILES)
+    return dict(command="quality", preset=preset, dataset="tiny", steps=10, batch_size=2, block_size=8, tokens=160,
+                seeds=seeds, recipe=dict(warmup_iters=1), device="cpu", dtype="float32", compile="eager",
+                machine="a CPU", threads=1, jobs=1, multiple_of=1,
+                base_config=dict(n_layer=1, n_embd=16, n_expert=4, top_k=2, expert_hidden=16, block_size=8),
+                fingerprint=dict(code_sha256=code, data_sha256="d" * 64, torch="2.x"), lrs=list(lrs),
+                sweep_seeds=[1000], best_lr={v: r["best_lr"] for v, r in variants.items()}, variants=variants,
+                comparisons=comparisons, runs=len(finals) * (len(lrs) + seeds), seconds=60.0, run_seconds=30.0)
+
+
+def report(tmp_path, capsys, *presets):
+    capsys.readouterr()
+    code = study.main(["report", "--out_dir", str(tmp_path), "--plot", "off",
+                       *(["--presets", ",".join(presets)] if presets else [])])
+    out = capsys.readouterr()
+    return code, (tmp_path / "study_report.md").read_text() if code == 0 else out.err
+
+
+def test_the_report_names_the_budgets_it_has_and_says_which_are_missing_or_made_with_other_code(tmp_path, capsys):
+    finals = {"dense": {0: 2.3, 1: 2.4}, "moe": {0: 2.1, 1: 2.2}, "uoe": {0: 2.0, 1: 2.15}}
+    study.write_json(tmp_path / "quality_cpu.json", fake_quality("cpu", finals), quiet=True)
+    code, md = report(tmp_path, capsys)
+    lines = md.splitlines()
+    assert code == 0 and lines[0] == "# Does UoE beat MoE? The study at budget `cpu`"
+    assert f"- budget `train`: no quality_train.json in {tmp_path} (not run, or its command has not finished)" in lines
+    now = study.sha256_of(study.REPO / f for f in study.CODE_FILES)
+    assert f"Made with code {now[:8]} (sha256 of uoe.py + train.py), corpus dddddddd (sha256 of train.bin + " \
+           "val.bin), torch 2.x." in lines
+    assert "Warning" not in md
+    assert "15 runs (9 sweep, 6 reported), 0m30s per reported run (mean)" in md
+
+    # the train budget, made with other code: both budgets in the title, one line per kind of mismatch
+    study.write_json(tmp_path / "quality_train.json", fake_quality("train", finals, code="e" * 64), quiet=True)
+    code, md = report(tmp_path, capsys)
+    assert code == 0 and md.startswith("# Does UoE beat MoE? The study at budgets `cpu` and `train`\n")
+    assert "no quality_" not in md and "Made with code eeeeeeee" in md
+    warnings = [x for x in md.splitlines() if "Warning" in x]
+    assert len(warnings) == 2
+    assert f"quality_cpu.json: {now[:8]}, quality_train.json: eeeeeeee" in warnings[0]
+    assert f"quality_train.json was made with other code than uoe.py + train.py now ({now[:8]})" in warnings[1]
+    assert json.loads((tmp_path / "study_report.json").read_text())["missing"] == []
+
+    # a file that cannot be read stops the report, in one line that says what to do
+    (tmp_path / "quality_train.json").write_text('{"command": "quality", ')
+    code, err = report(tmp_path, capsys)
+    err = err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(tmp_path / "quality_train.json") in err[0]
+    assert "delete it and run python study.py quality --preset train" in err[0]
+    (tmp_path / "quality_train.json").unlink()
+    (tmp_path / "ablate_cpu.json").write_text("[]")
+    code, err = report(tmp_path, capsys)
+    assert code == 2 and "ablate_cpu.json (not a JSON object); delete it and run python study.py ablate" in err
+
+
+def test_the_report_counts_diverged_seeds_shows_no_std_for_one_and_flags_an_lr_at_the_edge(tmp_path, capsys):
+    finals = {"dense": {0: 2.3}, "moe": {0: 2.1, 1: 2.2, 2: 2.25}, "moe+shared": {0: 2.2, 1: 2.3, 2: 2.4},
+              "uoe": {0: 2.0, 1: None, 2: 2.1}}
+    q = fake_quality("cpu", finals, best={"dense": 4e-3, "moe+shared": 1e-3})
+    study.write_json(tmp_path / "quality_cpu.json", q, quiet=True)
+    code, md = report(tmp_path, capsys, "cpu")
+    assert code == 0 and "no quality_" not in md
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines() if line.startswith("| ")}
+    assert rows["uoe"][-2:] == ["2.0500 ± 0.0707", "2 (1 of 3 diverged) |"]         # mean ± std of the 2 left
+    assert rows["moe"][-1] == "3 |" and rows["dense"][-2:] == ["2.3000 ± –", "1 |"]  # one seed: no std
+    assert "left out of the mean and of the paired differences, and counted" in md
+    assert "0.0000" not in md
+    assert rows["uoe − moe"][3] == "2"                                              # its pairs: seeds 0 and 2
+    headline = {x.split("**")[1]: x for x in md.splitlines() if x.startswith("- **")}
+    assert "2 paired seeds" in headline["uoe − moe"]
+    assert "Diverged: 1 of 3 uoe runs diverged" in headline["uoe − moe"]
+    assert "edge" not in headline["uoe − moe"]
+    assert "over 1 seed(s): no interval" in headline["moe − dense"]
+    assert "Caveat: the best lr is at the edge of the sweep for dense (0.004, its highest)" in headline["moe − dense"]
+    assert "Diverged" not in headline["moe − dense"]
+    assert "- Caveat: the best lr is at the edge of the sweep for moe+shared (0.001, its lowest)" in md
+
+
+def test_the_report_figure_keeps_a_colour_per_variant_and_others_for_the_differences(tmp_path, monkeypatch):
+    import matplotlib.colors
+    saved = []
+    monkeypatch.setattr(study, "save_figure", lambda fig, path: saved.append(fig))
+    finals = {v: {0: 2.0 + i / 10, 1: 2.1 + i / 10} for i, v in enumerate(["dense", "moe", "moe+shared", "aoe", "uoe"])}
+    cpu = fake_quality("cpu", finals)
+    train = fake_quality("train", {v: x for v, x in finals.items() if v != "aoe"})    # no aoe: uoe is 4th, not 5th
+    study.plot_budgets([cpu, train], tmp_path / "f.png")
+    fig, = saved
+    hexes = lambda ax: {line.get_label(): matplotlib.colors.to_hex(line.get_color()) for line in ax.get_lines()
+                        if not line.get_label().startswith("_")}
+    (cpu_ax, cpu_diff), (train_ax, train_diff) = fig.axes[:2], fig.axes[2:]
+    variant_colours = {v: matplotlib.colors.to_hex(f"C{i}") for i, v in enumerate(study.VARIANTS)}
+    for ax, res in ((cpu_ax, cpu), (train_ax, train)):
+        assert {label.split(" ")[0]: c for label, c in hexes(ax).items()} == \
+            {v: variant_colours[v] for v in res["variants"]}
+        assert ax.get_ylabel() == "validation loss (nats/token)"
+    labels = [line.get_label() for line in cpu_ax.get_lines()]
+    assert any(x.startswith("uoe (D=16, lr 0.002): 2.450 (std 0.071, n=2)") for x in labels)
+    for ax in (cpu_diff, train_diff):
+        diffs = hexes(ax)
+        assert diffs == {"uoe − moe": "#000000", "moe − dense": "#808080"}
+        assert not set(diffs.values()) & set(variant_colours.values())
+        assert [line.get_linestyle() for line in ax.get_lines() if not line.get_label().startswith("_")] == ["-", "--"]
+
+
+def test_fmt_pm_shows_no_std_for_one_seed():
+    assert study.fmt_pm(2.0, 0.0, n=1) == "2.0000 ± –" and study.fmt_pm(2.0, 0.1, n=2) == "2.0000 ± 0.1000"
+    assert study.fmt_pm(2.0, None) == "2.0000" and study.fmt_pm(None, None) == "–"
+
+
+# ---- stopping a command ---------------------------------------------------------------------------
+
+class FinishesThenCtrlC(InProcess):
+    """A run that finishes (exit 0) while the command is interrupted: the first poll raises KeyboardInterrupt."""
+    polled = False
+
+    def poll(self):
+        if not self.polled:
+            self.polled = True
+            raise KeyboardInterrupt
+        return self.returncode
+
+
+def test_a_run_that_finishes_while_the_command_stops_gets_its_result(micro, monkeypatch):
+    args = study.parse_args(["balance", *micro])
+    args.fingerprint = FINGERPRINT
+    spec = study.run_spec("uoe", uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
+                          1e-3, 0, args)
+    monkeypatch.setattr(study, "launch", FinishesThenCtrlC)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_all([spec], args, study.Progress(1, 1))
+    result = study.read_result(spec)                                 # written, so the next command skips it
+    assert result is not None and result["final_val"] > 0 and [e[0] for e in result["evals"]] == [0, 2, 3]
+    assert not (Path(spec["dir"]) / "train" / "ckpt.pt").exists()
+    assert result["seconds"] == json.loads((Path(spec["dir"]) / "state.json").read_text())["seconds"]
+
+
+def test_a_run_that_got_the_signal_too_is_told_by_its_log(tmp_path):
+    """After an interrupt, a run whose log (of its running segment) shows train.py's stop line is left to save;
+    any other is sent the signal."""
+    spec = dict(dir=str(tmp_path))
+    (tmp_path / "train.log").write_text("old segment\nSIGINT: stopping after this step to save a checkpoint\nstep 1\n")
+    start = len("old segment\nSIGINT: stopping after this step to save a checkpoint\n")
+    assert study.got_signal(spec, 0) and not study.got_signal(spec, start)
+    with open(tmp_path / "train.log", "a") as f:
+        f.write("\nSIGTERM: stopping after this step to save a checkpoint (send it again to quit at once)\n")
+    assert study.got_signal(spec, start) and not study.got_signal(dict(dir=str(tmp_path / "none")), 0)
+
+
+class SigtermToTheCommand(InProcess):
+    """A SIGTERM to this process (the study command) at the first poll of its run."""
+    polled = False
+
+    def poll(self):
+        if not self.polled:
+            self.polled = True
+            signal.signal(signal.SIGTERM, study.on_sigterm)      # train.main, run in this process, set its own
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)                                            # the handler raises before this returns
+        return self.returncode
+
+
+def test_sigterm_to_the_command_stops_it_as_ctrl_c_does(micro, monkeypatch, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(study, "launch", SigtermToTheCommand)
+    argv = ["balance", *micro, "--variants", "uoe", "--aux", "0", "--seeds", "1", "--lr", "1e-3"]
+    assert study.main(argv) == 143
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err == ["interrupted: finished runs are kept; run the same command again to continue"]
+    assert signal.getsignal(signal.SIGTERM) == before                # put back as it was
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals to a process")
+def test_sigterm_to_the_study_process_alone_reaches_its_runs_which_save(tmp_path, data):
+    """`kill PID` of study.py: the signal is for the command alone, so it passes it on to its runs (once: a second
+    would make train.py quit without saving); each saves a checkpoint, and the command exits 143 in one line."""
+    cmd = [sys.executable, str(study.REPO / "study.py"), "balance", *MICRO, "--data_dir", str(data), "--dataset",
+           "tiny", "--out_dir", str(tmp_path), "--variants", "uoe", "--aux", "0", "--seeds", "1", "--lr", "1e-3",
+           "--steps", "100000", "--eval_interval", "1000", "--log_interval", "10"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:                               # until the run trains (its handler is set)
+            logs = list((tmp_path / "runs").glob("*/train.log"))
+            if logs and "step 10/" in logs[0].read_text():
+                break
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("  waiting")]
+    assert lines == ["interrupted: finished runs are kept; run the same command again to continue"]
+    run, = (tmp_path / "runs").iterdir()
+    assert "stopped by SIGTERM at step" in (run / "train.log").read_text() and (run / "train" / "ckpt.pt").is_file()
+    assert json.loads((run / "state.json").read_text())["started"] is None
