@@ -28,6 +28,14 @@ MICRO = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "8
 FINGERPRINT = dict(code_sha256="c" * 64, data_sha256="d" * 64, torch="2.x")
 
 
+def micro_run(micro):
+    """(args of a micro `balance` command, the spec of its UoE run at lr 1e-3, seed 0)."""
+    args = study.parse_args(["balance", *micro])
+    args.fingerprint = FINGERPRINT
+    return args, study.run_spec("uoe", uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
+                                1e-3, 0, args)
+
+
 # ---- arguments ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, words", [
@@ -399,10 +407,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(m
 
 @pytest.mark.parametrize("damage", ["corrupt", "no state", "other identity"])
 def test_a_checkpoint_that_is_unreadable_or_of_no_known_identity_is_set_aside(micro, damage, monkeypatch, capsys):
-    args = study.parse_args(["balance", *micro])
-    args.fingerprint = FINGERPRINT
-    spec = study.run_spec("uoe", uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
-                          1e-3, 0, args)
+    args, spec = micro_run(micro)
     monkeypatch.setattr(study, "launch", Killed)
     with pytest.raises(KeyboardInterrupt):
         study.run_all([spec], args, study.Progress(1, 1))
@@ -454,10 +459,7 @@ def test_a_run_claimed_by_another_command_is_waited_for_not_started_again(micro,
 
 def test_a_claim_ends_with_its_holder(micro):
     """A command killed mid-run leaves its claim file behind, but not its lock: the run is started again."""
-    args = study.parse_args(["balance", *micro])
-    args.fingerprint = FINGERPRINT
-    spec = study.run_spec("uoe", uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
-                          1e-3, 0, args)
+    args, spec = micro_run(micro)
     Path(spec["dir"]).mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
@@ -670,10 +672,7 @@ class FinishesThenCtrlC(InProcess):
 
 
 def test_a_run_that_finishes_while_the_command_stops_gets_its_result(micro, monkeypatch):
-    args = study.parse_args(["balance", *micro])
-    args.fingerprint = FINGERPRINT
-    spec = study.run_spec("uoe", uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
-                          1e-3, 0, args)
+    args, spec = micro_run(micro)
     monkeypatch.setattr(study, "launch", FinishesThenCtrlC)
     with pytest.raises(KeyboardInterrupt):
         study.run_all([spec], args, study.Progress(1, 1))
