@@ -91,7 +91,7 @@ PRESETS = {
                 compile="eager", jobs=2, threads=1, multiple_of=1),
     "train": dict(**{k: getattr(_M, k) for k in MODEL_KEYS}, batch_size=_T.batch_size, steps=_T.max_iters,
                   warmup_steps=_T.warmup_iters, eval_interval=100, eval_iters=_T.eval_iters, log_interval=20,
-                  seeds=5, sweep_seeds=1, lrs=[1e-3, 2e-3, 4e-3, 8e-3], default_lr=_T.learning_rate,
+                  seeds=5, sweep_seeds=1, lrs=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], default_lr=_T.learning_rate,
                   variants=["dense", "moe", "moe+shared", "uoe"], dataset="pystdlib_char", dtype="float32",
                   compile="eager", jobs=2, threads=1, multiple_of=1),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=16, n_expert=8, top_k=2,
@@ -1109,7 +1109,7 @@ HELP = {
                "rate sweep on held-out seed 1000, then every reported seed afresh at each variant's best lr; "
                "paired differences with 95% t intervals. Preset cpu: 45 runs (5 variants x (4 lrs + 5 seeds)) of "
                "40 (MoE) to 50 s (UoE) each on one core: about 17 min, 2 at a time on 2 idle cores. Preset train: "
-               "36 runs (4 x (4 + 5)) of 11.5 (UoE) to 14 min (MoE) each: about 4 h on 2 idle cores. On a "
+               "40 runs (4 x (5 + 5)) of 11.5 (UoE) to 14 min (MoE) each: about 4.5 h on 2 idle cores. On a "
                "shared machine, 2-3 times that",
     "ablate": "the paper's UoE ablations (no VSE, output twice, score pre/swiglu, norm 1/inf, n_routing halved/"
               "doubled) against the full UoE, paired by seed, at UoE's best lr from quality; cpu: 45 runs of about "
