@@ -524,13 +524,18 @@ STOP_GRACE = 30    # seconds a run that got the Ctrl-C too has to finish its ste
 SIGNAL_SEEN = 2    # seconds a run that got the signal too has to say so in its log (train.py prints it at once)
 
 
+def segment_log(spec, log_start):
+    """The text of train.log that the running (or last) segment of spec's run wrote: from log_start on."""
+    with open(Path(spec["dir"]) / "train.log", "rb") as f:
+        f.seek(log_start)
+        return f.read().decode(errors="replace")
+
+
 def got_signal(spec, log_start):
     """Whether the running segment of spec's run has said that it got SIGINT/SIGTERM (train.py's line
     "SIGINT: stopping after this step to save a checkpoint ...")."""
     try:
-        with open(Path(spec["dir"]) / "train.log", "rb") as f:
-            f.seek(log_start)
-            return re.search(rb"SIG[A-Z]+: stopping after this step", f.read()) is not None
+        return re.search(r"SIG[A-Z]+: stopping after this step", segment_log(spec, log_start)) is not None
     except OSError:
         return False
 
@@ -566,7 +571,6 @@ def stop_runs(running, interrupted):
                     p.kill()
                     p.wait()
             seconds = end_segment(s, seconds, t0)
-            log.close()
             if p.returncode == 0:
                 finish_run(s, 0, seconds, log_start)
         except (OSError, ValueError):
@@ -603,9 +607,7 @@ def finish_run(spec, returncode, seconds, log_start=0):
     """A run's result.json from its exit code and the log of its last segment (train.log from log_start); a
     run stopped by a signal raises Stopped, any other failure but divergence a UserError. Its checkpoint is
     deleted once the result is written."""
-    with open(Path(spec["dir"]) / "train.log", "rb") as f:
-        f.seek(log_start)
-        text = f.read().decode(errors="replace")
+    text = segment_log(spec, log_start)
     diverged = returncode == 2 and "non-finite loss" in text
     stopped = stopped_line(spec, returncode, text)
     if stopped:
