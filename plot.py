@@ -300,7 +300,7 @@ def plot_vse_share(runs):
 # figures from the checkpoint on validation data
 
 def find_val(run, data_dir=None):
-    """(val.bin path, its dtype) or raise Skip. data_dir: a dataset folder holding val.bin, or a
+    """(val.bin path, its dtype, its meta.json) or raise Skip. data_dir: a dataset folder holding val.bin, or a
     folder holding <dataset>/val.bin; default: train.py's data_dir setting, then data/<dataset>."""
     candidates = [data_dir, run.train.get("data_dir"), REPO / "data"]
     for d in filter(None, candidates):
@@ -511,7 +511,10 @@ def plot_runs(out_dirs, out_dir, xs=("tokens",), log=False, data_dir=None, val_t
     at the very end because of a plot)."""
     runs = load_runs(out_dirs)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PlotError(f"cannot create --out_dir {out_dir} ({e.strerror}); choose another") from None
     written, tables = [], []
 
     def attempt(name, make):

@@ -10,7 +10,8 @@ Turn a text source into data/<name>/{train.bin, val.bin, meta.json} for train.py
 
 PATH: a file, or a folder whose text and Python files are read in sorted order; files are joined with a
 newline after one that lacks it. val.bin is the last val_fraction of the tokens. GPT-2 BPE comes from
---bpe_dir, $UOE_BPE_DIR or the shipped data/gpt2 (data/README.md), with no download. pystdlib* is the
+--bpe_dir, $UOE_BPE_DIR or the shipped data/gpt2 (data/README.md); tiktoken downloads them only when
+none of these holds them (a clone never needs to). pystdlib* is the
 running Python's standard library without tests and build-generated files, so another Python (version,
 build, distribution) gives another corpus: meta.json records which, and the sha256 of the tokenized text.
 """

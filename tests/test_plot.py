@@ -313,3 +313,12 @@ def test_cli_errors_are_one_line_exit_2(args, msg, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and msg in err
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_line_exit_2(runs, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(runs["uoe"]), "--no_ckpt", "--out_dir", str(tmp_path / "a_file" / "figs")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot create --out_dir") and "choose another" in err
