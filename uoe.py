@@ -67,6 +67,13 @@ def swiglu(x, w_gate, w_up, w_down, mm=torch.matmul):
     return mm(F.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
+class SwiGLUWeights(NamedTuple):
+    """The three matrices of a SwiGLU FFN (§1), stacked over experts (E, ...) for dispatch."""
+    gate: torch.Tensor   # W_g (C, D)
+    up: torch.Tensor     # W_p (C, D)
+    down: torch.Tensor   # W_o (D, C)
+
+
 # -----------------------------------------------------------------------------
 # Union-of-Experts (§3). Each expert i is a SwiGLU FFN of width D whose first N_s hidden units are
 # its routing neurons; split it into those units' output R_i(x) and the rest's, Q_i(x).
@@ -344,13 +351,6 @@ class DenseFFN(nn.Module):
 
     def forward(self, x):
         return swiglu(x, self.w_gate, self.w_up, self.w_down)
-
-
-class SwiGLUWeights(NamedTuple):
-    """The three matrices of a SwiGLU FFN (§1), stacked over experts (E, ...) for dispatch."""
-    gate: torch.Tensor   # W_g (C, D)
-    up: torch.Tensor     # W_p (C, D)
-    down: torch.Tensor   # W_o (D, C)
 
 
 class MoEFFN(nn.Module):
