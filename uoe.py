@@ -95,8 +95,7 @@ class UoEFFN(nn.Module):
     def __init__(self, config):
         super().__init__()
         C, E, D = config.n_embd, config.n_expert, config.expert_hidden
-        self.config = config
-        self.n_routing = config.n_routing                    # N_s: units 0..N_s-1 of every expert
+        self.config = config            # config.n_routing is N_s (units 0..N_s-1; GPTConfig resolves its default)
         self.aux_loss = None                   # set by forward; here so that compiled guards never see it appear
         self.w_gate = nn.Parameter(torch.empty(E, C, D))     # W_g^i, stacked over experts
         self.w_up = nn.Parameter(torch.empty(E, C, D))       # W_p^i
@@ -135,14 +134,15 @@ class UoEFFN(nn.Module):
     def routing_neurons(self, w):
         """The routing columns of all experts side by side: (E, C, D) -> (C, E*N_s), for one matmul."""
         E, C, _ = w.shape
-        return w[:, :, :self.n_routing].transpose(0, 1).reshape(C, E * self.n_routing)
+        Ns = self.config.n_routing
+        return w[:, :, :Ns].transpose(0, 1).reshape(C, E * Ns)
 
     def routing_activations(self, x):
         """x (N, C) through every expert's routing neurons: (pre, a), each (N, E, N_s): the
         pre-activations x W_g^i[:, :N_s] and the routing activations a_i = SiLU(pre), in float32 or
         wider also under bf16 autocast (routing_matmul), so that near-ties pick the float32 top-K."""
         E = self.w_gate.shape[0]
-        pre = routing_matmul(x, self.routing_neurons(self.w_gate)).view(-1, E, self.n_routing)
+        pre = routing_matmul(x, self.routing_neurons(self.w_gate)).view(-1, E, self.config.n_routing)
         return pre, F.silu(pre)
 
     def routing_hidden(self, x, a):
@@ -151,17 +151,13 @@ class UoEFFN(nn.Module):
         else in the compute dtype, like every matmul that only produces output."""
         E = self.w_up.shape[0]
         matmul = routing_matmul if self.config.route_score == "swiglu" else torch.matmul
-        return a * matmul(x, self.routing_neurons(self.w_up)).view(-1, E, self.n_routing)
+        return a * matmul(x, self.routing_neurons(self.w_up)).view(-1, E, self.config.n_routing)
 
     def activation_intensity(self, pre, a, h):
         """The scores s_i, (N, E): the route_norm norm of a_i (route_score="silu"), of the
         pre-activations ("pre", as AoE scores) or of the hidden units h_i ("swiglu")."""
-        v = a
-        if self.config.route_score == "pre":
-            v = pre
-        if self.config.route_score == "swiglu":
-            v = h
-        return lp_norm(v, self.config.route_norm)
+        score_of = {"silu": a, "pre": pre, "swiglu": h}[self.config.route_score]
+        return lp_norm(score_of, self.config.route_norm)
 
     def chosen_experts(self, x, topk_idx, gates, a, h=None):
         """sum over the chosen i of g_i Q_i(x), (N, C); with uoe_output="twice" or vse=False of
@@ -184,16 +180,16 @@ class UoEFFN(nn.Module):
         """VSE(x) = sum over ALL experts i of R_i(x) = h_i W_o^i[:N_s], unweighted (N, C): an ordinary
         SwiGLU FFN of width E*N_s made of every expert's routing neurons (§3), here one matmul on
         their hidden units h (N, E, N_s), in the compute dtype."""
-        E, _, C = self.w_down.shape
-        w_down_routing = self.w_down[:, :self.n_routing, :].reshape(E * self.n_routing, C)   # (E*N_s, C)
-        return h.reshape(-1, E * self.n_routing) @ w_down_routing
+        (E, _, C), Ns = self.w_down.shape, self.config.n_routing
+        w_down_routing = self.w_down[:, :Ns, :].reshape(E * Ns, C)   # (E*N_s, C)
+        return h.reshape(-1, E * Ns) @ w_down_routing
 
     def expert_weights(self, routing=True):
         """The chosen experts' weights, stacked over experts: Q_i's units N_s..D-1 as SwiGLUWeights, with
         routing=True as UoEExpertWeights, which add R_i's W_p and W_o (the grouped path casts every
         tensor it gets, so Q_i alone gets only Q_i's). Slicing the stacked tensors once, rather than
         each expert's, keeps backward at one copy per tensor."""
-        Ns = self.n_routing
+        Ns = self.config.n_routing
         q = SwiGLUWeights(gate=self.w_gate[:, :, Ns:], up=self.w_up[:, :, Ns:], down=self.w_down[:, Ns:])
         if not routing:
             return q
