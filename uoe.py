@@ -166,15 +166,12 @@ class UoEFFN(nn.Module):
         x (N, C); topk_idx, gates (N, K); a and h in the compute dtype. The choice may come from
         anywhere (e.g. another router): only topk_idx and gates say which experts and how much."""
         config = self.config
-        path = resolve_expert_path(config, x.device, compute_dtype(x))
         if config.vse and config.uoe_output == "once":                 # R_i is in the VSE already
-            out = dispatch(x, topk_idx, swiglu_expert, self.expert_weights(routing=False), path=path)
-        elif config.vse or config.route_score == "swiglu":           # h_i were computed for all experts
-            out = dispatch(x, topk_idx, uoe_expert_from_h, self.expert_weights(), reused=h, path=path)
-        else:                             # no VSE, score without h: h_i only for the chosen experts
-            out = dispatch(x, topk_idx, uoe_expert_from_a, self.expert_weights(), reused=a, path=path)
-        # out (N, K, C): expert topk_idx[t, k]'s output on token t; the gated sum over the K chosen
-        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+            return gated_experts(config, x, topk_idx, gates, swiglu_expert, self.expert_weights(routing=False))
+        if config.vse or config.route_score == "swiglu":               # h_i were computed for all experts
+            return gated_experts(config, x, topk_idx, gates, uoe_expert_from_h, self.expert_weights(), reused=h)
+        # no VSE, score without h: h_i only for the chosen experts
+        return gated_experts(config, x, topk_idx, gates, uoe_expert_from_a, self.expert_weights(), reused=a)
 
     def virtual_shared_expert(self, h):
         """VSE(x) = sum over ALL experts i of R_i(x) = h_i W_o^i[:N_s], unweighted (N, C): an ordinary
@@ -303,6 +300,15 @@ def dispatch(x, topk_idx, expert_fn, weights, reused=None, path="loop"):
     return run(x, topk_idx, expert_fn, weights, reused)
 
 
+def gated_experts(config, x, topk_idx, gates, expert_fn, weights, reused=None):
+    """sum over the K chosen experts of g_k times expert k's output, (N, C): what every routed layer's
+    chosen_experts returns. dispatch (arguments as there) on the path that resolve_expert_path picks for
+    config, x's device and compute dtype, then the gates (N, K) in the experts' output dtype."""
+    path = resolve_expert_path(config, x.device, compute_dtype(x))
+    out = dispatch(x, topk_idx, expert_fn, weights, reused=reused, path=path)   # (N, K, C), not yet gated
+    return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+
+
 # Under torch.compile the loop runs eagerly (one graph break per layer, as its .tolist() would
 # cause anyway): its block sizes are data, and dynamo, which specialises sizes 0 and 1, would
 # recompile whenever a new set of experts gets 0 or 1 tokens, and fall back to eager after 8.
@@ -384,10 +390,8 @@ class MoEFFN(nn.Module):
     def chosen_experts(self, x, topk_idx, gates):
         """sum over the chosen i of g_i FFN_i(x), (N, C), without the shared experts; x (N, C),
         topk_idx and gates (N, K), which may come from another router than this layer's."""
-        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
         weights = SwiGLUWeights(self.w_gate, self.w_up, self.w_down)
-        out = dispatch(x, topk_idx, swiglu_expert, weights, path=path)   # (N, K, C)
-        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+        return gated_experts(self.config, x, topk_idx, gates, swiglu_expert, weights)
 
     def shared_experts(self, x):
         """The n_shared always-on experts, unweighted, (N, C); only when n_shared > 0."""
@@ -436,10 +440,8 @@ class AoEFFN(nn.Module):
 
     def chosen_experts(self, x, topk_idx, gates, c):
         """sum over the chosen i of g_i FFN_i(x), (N, C); c (N, E, d_low): C_i of every expert."""
-        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
         weights = AoEWeights(self.w_gate_b, self.w_up, self.w_down)
-        out = dispatch(x, topk_idx, aoe_expert, weights, reused=c, path=path)   # (N, K, C)
-        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+        return gated_experts(self.config, x, topk_idx, gates, aoe_expert, weights, reused=c)
 
 
 FFN_CLASSES = {"dense": DenseFFN, "moe": MoEFFN, "aoe": AoEFFN, "uoe": UoEFFN}
