@@ -167,11 +167,11 @@ class UoEFFN(nn.Module):
         anywhere (e.g. another router): only topk_idx and gates say which experts and how much."""
         config = self.config
         if config.vse and config.uoe_output == "once":                 # R_i is in the VSE already
-            return gated_experts(config, x, topk_idx, gates, swiglu_expert, self.expert_weights(routing=False))
+            return gated_experts(config, x, topk_idx, gates, swiglu_expert, self.expert_weights())
         if config.vse or config.route_score == "swiglu":               # h_i were computed for all experts
-            return gated_experts(config, x, topk_idx, gates, uoe_expert_from_h, self.expert_weights(), reused=h)
+            return gated_experts(config, x, topk_idx, gates, uoe_expert_from_h, self.expert_weights("h"), reused=h)
         # no VSE, score without h: h_i only for the chosen experts
-        return gated_experts(config, x, topk_idx, gates, uoe_expert_from_a, self.expert_weights(), reused=a)
+        return gated_experts(config, x, topk_idx, gates, uoe_expert_from_a, self.expert_weights("a"), reused=a)
 
     def virtual_shared_expert(self, h):
         """VSE(x) = sum over ALL experts i of R_i(x) = h_i W_o^i[:N_s], unweighted (N, C): an ordinary
@@ -181,22 +181,34 @@ class UoEFFN(nn.Module):
         w_down_routing = self.w_down[:, :Ns, :].reshape(E * Ns, C)   # (E*N_s, C)
         return h.reshape(-1, E * Ns) @ w_down_routing
 
-    def expert_weights(self, routing=True):
-        """The chosen experts' weights, stacked over experts: Q_i's units N_s..D-1 as SwiGLUWeights, with
-        routing=True as UoEExpertWeights, which add R_i's W_p and W_o (the grouped path casts every
-        tensor it gets, so Q_i alone gets only Q_i's). Slicing the stacked tensors once, rather than
+    def expert_weights(self, r_from=None):
+        """The chosen experts' weights, stacked over experts, only those their expert function reads (the
+        grouped path casts every tensor it gets): Q_i's units N_s..D-1 as SwiGLUWeights; with R_i
+        finished from h_i (r_from="h") as UoEExpertWeights, which add R_i's W_o; from a_i ("a") as
+        UoEExpertWeightsFromA, which add its W_p too. Slicing the stacked tensors once, rather than
         each expert's, keeps backward at one copy per tensor."""
         Ns = self.config.n_routing
         q = SwiGLUWeights(gate=self.w_gate[:, :, Ns:], up=self.w_up[:, :, Ns:], down=self.w_down[:, Ns:])
-        if not routing:
+        if r_from is None:
             return q
-        return UoEExpertWeights(*q, routing_up=self.w_up[:, :, :Ns], routing_down=self.w_down[:, :Ns])
+        if r_from == "h":
+            return UoEExpertWeights(*q, routing_down=self.w_down[:, :Ns])
+        return UoEExpertWeightsFromA(*q, routing_up=self.w_up[:, :, :Ns], routing_down=self.w_down[:, :Ns])
 
 
 class UoEExpertWeights(NamedTuple):
-    """What a chosen UoE expert computes with, each stacked over experts (dispatch hands the expert
-    functions one expert's, or all for the grouped path): Q_i's units N_s..D-1 and R_i's W_p, W_o.
-    (R_i's W_g columns act in scoring only: a_i comes in computed.)"""
+    """What a chosen UoE expert computes R_i(x) + Q_i(x) with when its routing hidden units h_i come in
+    computed, each stacked over experts (dispatch hands the expert functions one expert's, or all for the
+    grouped path): Q_i's units N_s..D-1 and R_i's W_o. (R_i's W_g and W_p acted where h_i was made.)"""
+    gate: torch.Tensor            # W_g^i[:, N_s:]  (E, C, D-N_s)
+    up: torch.Tensor              # W_p^i[:, N_s:]  (E, C, D-N_s)
+    down: torch.Tensor            # W_o^i[N_s:]     (E, D-N_s, C)
+    routing_down: torch.Tensor    # W_o^i[:N_s]     (E, N_s, C)
+
+
+class UoEExpertWeightsFromA(NamedTuple):
+    """The same when only the routing activations a_i come in computed (no VSE, a score without h_i):
+    R_i's W_p too, for h_i = a_i * x W_p^i[:, :N_s]. (R_i's W_g columns act in scoring only.)"""
     gate: torch.Tensor            # W_g^i[:, N_s:]  (E, C, D-N_s)
     up: torch.Tensor              # W_p^i[:, N_s:]  (E, C, D-N_s)
     down: torch.Tensor            # W_o^i[N_s:]     (E, D-N_s, C)
@@ -213,12 +225,13 @@ def swiglu_expert(x, w, _, mm):
 
 
 def uoe_expert_from_h(x, w, h, mm):
-    """R_i(x) + Q_i(x) of a chosen UoE expert, R_i from its routing hidden units h (n, N_s)."""
+    """R_i(x) + Q_i(x) of a chosen UoE expert, R_i from its routing hidden units h (n, N_s); w: UoEExpertWeights."""
     return swiglu(x, w.gate, w.up, w.down, mm=mm) + mm(h, w.routing_down)
 
 
 def uoe_expert_from_a(x, w, a, mm):
-    """R_i(x) + Q_i(x) of a chosen UoE expert, finishing h_i = a_i * x W_p^i[:, :N_s] from a (n, N_s)."""
+    """R_i(x) + Q_i(x) of a chosen UoE expert, finishing h_i = a_i * x W_p^i[:, :N_s] from a (n, N_s);
+    w: UoEExpertWeightsFromA."""
     return uoe_expert_from_h(x, w, a * mm(x, w.routing_up), mm)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import uoe
-from conftest import ROUTED_VARIANTS
+from conftest import ROUTED_VARIANTS, captured_dispatch
 from uoe import GPT, GPTConfig
 
 SMALL = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16,
@@ -150,6 +150,22 @@ def test_uoe_pieces_give_the_layer_and_run_a_choice_made_elsewhere(name):
                             for t in range(10)])
     torch.testing.assert_close(m.chosen_experts(x, topk_idx, gates, a, h_reused), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(m.virtual_shared_expert(h), sum(R), rtol=0, atol=1e-12)
+
+
+Q_WEIGHTS = ("gate", "up", "down")
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("uoe", Q_WEIGHTS),                                          # R_i is in the VSE: Q_i only
+    ("uoe_twice", Q_WEIGHTS + ("routing_down",)),                # R_i from h_i: its W_o, not its W_p
+    ("uoe_no_vse_swiglu", Q_WEIGHTS + ("routing_down",)),
+    ("uoe_no_vse", Q_WEIGHTS + ("routing_up", "routing_down")),  # h_i = a_i * x W_p^i[:, :N_s] in the experts
+])
+def test_uoe_chosen_experts_get_only_the_weights_they_read(name, fields):
+    """The grouped path casts every weight it is given, every forward: the experts get only what they read."""
+    m = ffn_module(**VARIANTS[name])
+    (_, _, _, weights), _ = captured_dispatch(m, torch.randn(1, 6, SMALL["n_embd"], dtype=torch.float64))
+    assert weights._fields == fields
 
 
 # ---- model-level properties ---------------------------------------------------------------
