@@ -91,12 +91,14 @@ class UoEFFN(nn.Module):
     again), vse=False (no VSE: routing neurons only score, chosen output g_i (R_i + Q_i)),
     route_score, route_norm. uoe_one_token below is this layer for one token, written plainly.
     Leaves aux_loss (§4) and last_routing (detached tensors for statistics, §6) on itself."""
+    routed = True             # GPT adds up the aux_loss of routed layers and summarises their last_routing
 
     def __init__(self, config):
         super().__init__()
         C, E, D = config.n_embd, config.n_expert, config.expert_hidden
         self.config = config            # config.n_routing is N_s (units 0..N_s-1; GPTConfig resolves its default)
-        self.aux_loss = None                   # set by forward; here so that compiled guards never see it appear
+        # set by forward; here so that compiled guards never see them appear (None: no forward yet)
+        self.aux_loss = self.last_routing = None
         self.w_gate = nn.Parameter(torch.empty(E, C, D))     # W_g^i, stacked over experts
         self.w_up = nn.Parameter(torch.empty(E, C, D))       # W_p^i
         self.w_down = nn.Parameter(torch.empty(E, D, C))     # W_o^i
@@ -352,10 +354,11 @@ def dispatch_loop(x, topk_idx, expert_fn, weights, reused=None):
 
 # -----------------------------------------------------------------------------
 # The baselines (§2): DenseFFN, MoEFFN, AoEFFN. Each takes x (B, T, C) and returns y (B, T, C); the
-# routed ones also leave `aux_loss` (§4) and `last_routing` (detached tensors, §6) on themselves.
+# routed ones (`routed = True`) also leave `aux_loss` (§4) and `last_routing` (detached tensors, §6) on themselves.
 
 class DenseFFN(nn.Module):
     """§2 dense: one SwiGLU FFN of width D."""
+    routed = False
 
     def __init__(self, config):
         super().__init__()
@@ -371,12 +374,13 @@ class DenseFFN(nn.Module):
 class MoEFFN(nn.Module):
     """§2 moe: router W_r, p = softmax(x W_r), top-K, gates p[I] / sum p[I] (Mixtral), plus
     n_shared always-on shared experts (DeepSeekMoE), stored as one SwiGLU of width n_shared*D."""
+    routed = True
 
     def __init__(self, config):
         super().__init__()
         C, E, D, S = config.n_embd, config.n_expert, config.expert_hidden, config.n_shared
         self.config = config
-        self.aux_loss = self.z_loss = None     # set by forward (see UoEFFN)
+        self.aux_loss = self.z_loss = self.last_routing = None     # set by forward (see UoEFFN)
         self.router = nn.Parameter(torch.empty(C, E))
         self.w_gate = nn.Parameter(torch.empty(E, C, D))
         self.w_up = nn.Parameter(torch.empty(E, C, D))
@@ -427,12 +431,13 @@ class AoEFFN(nn.Module):
     """§2 aoe: no router. W_g^i = A_i B_i is factorised (w_gate_a, w_gate_b); one matmul gives
     C_i = x A_i for all experts, the score is ||C_i||, gates softmax over the top K, and the
     chosen experts reuse C_i."""
+    routed = True
 
     def __init__(self, config):
         super().__init__()
         C, E, D, L = config.n_embd, config.n_expert, config.expert_hidden, config.d_low
         self.config = config
-        self.aux_loss = None                   # set by forward (see UoEFFN)
+        self.aux_loss = self.last_routing = None                   # set by forward (see UoEFFN)
         self.w_gate_a = nn.Parameter(torch.empty(E, C, L))     # A_i: d x d_low
         self.w_gate_b = nn.Parameter(torch.empty(E, L, D))     # B_i: d_low x D
         self.w_up = nn.Parameter(torch.empty(E, C, D))         # W_p^i
@@ -551,7 +556,7 @@ class GPT(nn.Module):
             return logits, None
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         loss, aux = ce, ce.new_zeros(())
-        routed = [block.mlp for block in self.transformer.h if hasattr(block.mlp, "aux_loss")]
+        routed = [block.mlp for block in self.transformer.h if block.mlp.routed]
         if routed:   # (a dense model's loss stays ce itself: inductor in torch 2.13 drops the grad of ce + 0*zeros)
             aux = sum(m.aux_loss for m in routed)        # the SUM over layers: n_layer at perfect balance
             z = sum(getattr(m, "z_loss", 0.0) for m in routed)   # moe only
@@ -579,9 +584,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def routing_summary(self):
-        """Per-layer routing statistics of the last forward (§6); None for dense layers."""
-        return [routing_stats(block.mlp.last_routing) if hasattr(block.mlp, "last_routing") else None
-                for block in self.transformer.h]
+        """Per-layer routing statistics of the last forward (§6); None for dense layers, and for every
+        layer before the first forward."""
+        mlps = [block.mlp for block in self.transformer.h]
+        return [routing_stats(m.last_routing) if m.routed and m.last_routing is not None else None for m in mlps]
 
 
 def entropy(p, dim=-1):

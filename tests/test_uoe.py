@@ -314,6 +314,7 @@ def test_aux_loss_is_one_for_perfectly_uniform_routing():
 def test_routing_summary_reports_load_and_vse_share():
     torch.manual_seed(0)
     model = GPT(cfg(ffn="uoe"))
+    assert model.routing_summary() == [None, None]                      # no forward yet: nothing to report
     model(torch.randint(0, SMALL["vocab_size"], (2, 16)))
     s = model.routing_summary()[0]
     assert sum(s["load"]) == pytest.approx(1.0)
@@ -322,6 +323,21 @@ def test_routing_summary_reports_load_and_vse_share():
     model = GPT(cfg(ffn="dense"))
     model(torch.randint(0, SMALL["vocab_size"], (2, 16)))
     assert model.routing_summary() == [None, None]
+
+
+@pytest.mark.parametrize("ffn", uoe.FFN_VARIANTS)
+def test_routed_layers_say_so_and_start_without_routing(ffn):
+    """One test of "routed" (a class attribute) for the aux loss and the summary; last_routing exists
+    from __init__ (None), as aux_loss does, so that compiled guards never see it appear."""
+    torch.manual_seed(0)
+    model = GPT(cfg(ffn=ffn))
+    routed = ffn != "dense"
+    assert [block.mlp.routed for block in model.transformer.h] == [routed, routed]
+    if routed:
+        assert all(block.mlp.last_routing is None and block.mlp.aux_loss is None for block in model.transformer.h)
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    _, loss = model(idx, idx)
+    assert (model.last_aux.item() > 0) == routed and all((s is not None) == routed for s in model.routing_summary())
 
 
 # ---- accounting (§5) --------------------------------------------------------------------------
