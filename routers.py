@@ -181,21 +181,10 @@ def intensities(mlp, x, chosen, control, a=None):
 
 def run_chosen(mlp, u, topk_idx, gates):
     """The FFN mlp on u (B, T, C) with the experts topk_idx (N, K) and gates (N, K) given instead of its own
-    choice; the rest of the layer (uoe's virtual shared expert, moe's shared experts) as in its forward."""
+    choice; the rest of the layer (uoe's virtual shared expert, moe's shared experts) as in its forward: the
+    layer's run_choice, which its forward ends with."""
     B, T, C = u.shape
-    x = u.reshape(-1, C)
-    if isinstance(mlp, uoe.UoEFFN):   # the routing neurons' hidden units h for all experts, as the VSE needs them
-        dtype = uoe.compute_dtype(x)
-        _, a = mlp.routing_activations(x)                                # (N, E, R)
-        a, h = a.to(dtype), mlp.routing_hidden(x, a).to(dtype)           # (N, E, R) each
-        y = mlp.chosen_experts(x, topk_idx, gates, a, h)
-        if mlp.config.vse:
-            y = y + mlp.virtual_shared_expert(h)
-    else:
-        y = mlp.chosen_experts(x, topk_idx, gates)
-        if mlp.config.n_shared:
-            y = y + mlp.shared_experts(x)
-    return y.view(B, T, C)
+    return mlp.run_choice(u.reshape(-1, C), topk_idx, gates).view(B, T, C)
 
 
 def choose(score, K, gen=None):

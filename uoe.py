@@ -110,28 +110,43 @@ class UoEFFN(nn.Module):
         # Every expert's routing neurons on every token, in float32 or wider (§4).
         pre, a = self.routing_activations(x)                           # (N, E, N_s) each: x W_g^i[:, :N_s], a_i
         # Their hidden units h_i = a_i * x W_p^i[:, :N_s], for all experts only where the VSE or the score needs them.
-        h = None
-        if config.vse or config.route_score == "swiglu":
-            h = self.routing_hidden(x, a)                              # (N, E, N_s)
+        h = self.routing_hidden(x, a) if self.h_for_all() else None    # (N, E, N_s)
         # The score of expert i is the activation intensity of its routing neurons; the top K are chosen.
         scores = self.activation_intensity(pre, a, h)                  # (N, E) s_i = ||a_i|| by default
         top_s, topk_idx = scores.topk(config.top_k, dim=-1)            # (N, K) I = topK(s)
         gates = F.softmax(top_s, dim=-1)                               # (N, K) g = softmax(s[I])
+        self.aux_loss = load_balance_loss(scores, topk_idx)            # §4: the scores of all experts
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
+        # y = VSE(x) + sum_{i in I} g_i Q_i(x): the chosen experts weighted by the gates, and the VSE
+        y = self.run_choice(x, topk_idx, gates, a, h, stats=self.last_routing)
+        return y.view(B, T, C)
+
+    def run_choice(self, x, topk_idx, gates, a=None, h=None, stats=None):
+        """The layer's output (N, C) for the choice topk_idx, gates (N, K), made by forward or elsewhere
+        (routers.py): the chosen experts' sum_{i in I} g_i Q_i(x), each term g_i (R_i(x) + Q_i(x)) with
+        uoe_output="twice" or vse=False, plus VSE(x). a, h (N, E, N_s): forward's routing activations and
+        hidden units (h None where not computed for all experts); for a choice made elsewhere they are not
+        given and computed here. stats: a dict (forward's last_routing) that gets the norms of the VSE's
+        and of the chosen experts' outputs (§6)."""
+        if a is None:
+            _, a = self.routing_activations(x)
+            h = self.routing_hidden(x, a) if self.h_for_all() else None
         # The experts' matmuls run in the compute dtype (bf16 under autocast): the routing tensors they
         # reuse are rounded to it here, once, the same for both expert paths.
         dtype = compute_dtype(x)
         a, h = a.to(dtype), (h.to(dtype) if h is not None else None)
-        # The chosen experts run their other units, weighted by the gates: sum_{i in I} g_i Q_i(x), (N, C);
-        # with uoe_output="twice" or vse=False each term is g_i (R_i(x) + Q_i(x)).
-        y = self.chosen_experts(x, topk_idx, gates, a, h)
-        self.aux_loss = load_balance_loss(scores, topk_idx)            # §4: the scores of all experts
-        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
-        if config.vse:            # the routing neurons of ALL experts, chosen or not, add R_i(x) unweighted
-            vse = self.virtual_shared_expert(h)                        # (N, C) VSE(x) = sum_i R_i(x)
-            self.last_routing["vse_norm"] = vse.detach().norm(dim=-1)
-            self.last_routing["routed_norm"] = y.detach().norm(dim=-1)
-            y = vse + y
-        return y.view(B, T, C)
+        y = self.chosen_experts(x, topk_idx, gates, a, h)              # (N, C) sum_{i in I} g_i Q_i(x)
+        if not self.config.vse:
+            return y
+        # the routing neurons of ALL experts, chosen or not, add R_i(x) unweighted
+        vse = self.virtual_shared_expert(h)                            # (N, C) VSE(x) = sum_i R_i(x)
+        if stats is not None:
+            stats["vse_norm"], stats["routed_norm"] = vse.detach().norm(dim=-1), y.detach().norm(dim=-1)
+        return vse + y
+
+    def h_for_all(self):
+        """Whether the routing hidden units h_i are computed for all experts: the VSE or the swiglu score reads them."""
+        return self.config.vse or self.config.route_score == "swiglu"
 
     def routing_neurons(self, w):
         """The routing columns of all experts side by side: (E, C, D) -> (C, E*N_s), for one matmul."""
@@ -170,7 +185,7 @@ class UoEFFN(nn.Module):
         config = self.config
         if config.vse and config.uoe_output == "once":                 # R_i is in the VSE already
             return gated_experts(config, x, topk_idx, gates, swiglu_expert, self.expert_weights())
-        if config.vse or config.route_score == "swiglu":               # h_i were computed for all experts
+        if self.h_for_all():                                           # h_i were computed for all experts
             return gated_experts(config, x, topk_idx, gates, uoe_expert_from_h, self.expert_weights("h"), reused=h)
         # no VSE, score without h: h_i only for the chosen experts
         return gated_experts(config, x, topk_idx, gates, uoe_expert_from_a, self.expert_weights("a"), reused=a)
@@ -396,13 +411,19 @@ class MoEFFN(nn.Module):
         logits = routing_matmul(x, self.router)                    # (N, E) router logits, >= float32
         top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.config.top_k, dim=-1)   # (N, K)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
-        y = self.chosen_experts(x, topk_idx, gates)                # (N, C)
-        if self.config.n_shared:
-            y = y + self.shared_experts(x)
+        y = self.run_choice(x, topk_idx, gates)                    # (N, C)
         self.aux_loss = load_balance_loss(logits, topk_idx)
         self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # keeps router logits small
         self.last_routing = {"topk_idx": topk_idx.detach(), "scores": logits.detach()}
         return y.view(B, T, C)
+
+    def run_choice(self, x, topk_idx, gates):
+        """The layer's output (N, C) for the choice topk_idx, gates (N, K), made by forward or elsewhere
+        (routers.py): sum_{i in I} g_i FFN_i(x), plus the n_shared always-on experts."""
+        y = self.chosen_experts(x, topk_idx, gates)
+        if self.config.n_shared:
+            y = y + self.shared_experts(x)
+        return y
 
     def chosen_experts(self, x, topk_idx, gates):
         """sum over the chosen i of g_i FFN_i(x), (N, C), without the shared experts; x (N, C),
