@@ -358,6 +358,8 @@ def measure(model, train_idx, val_idx, n_units=None, batch_size=8, seed=1337):
     if cfg.n_expert < 2:
         raise UserError("routers.py needs at least 2 experts per layer to compare rankings")
     R = n_units or cfg.n_routing
+    if R < 1:   # a moe's n_routing, which GPTConfig checks for uoe only
+        raise UserError(f"the checkpoint's n_routing={R} is no number of units for the 'best' set; pass --n_units")
     if R > cfg.expert_hidden:
         raise UserError(f"--n_units={R} is more than the experts' {cfg.expert_hidden} hidden units")
     controls = control_weights(model, seed)

@@ -809,9 +809,11 @@ def validate_config(config):
         bad("dropout", "it must be in [0, 1)")
     if not isinstance(config.top_k, int) or not 1 <= config.top_k <= config.n_expert:
         bad("top_k", f"it must be an integer in 1..n_expert={config.n_expert}")
-    if not isinstance(config.n_routing, int) or not 1 <= config.n_routing <= config.expert_hidden - 1:
+    # a variant's own widths only: dense with expert_hidden=1 is fine, though no uoe could have that D
+    if config.ffn == "uoe" and (not isinstance(config.n_routing, int)
+                                or not 1 <= config.n_routing <= config.expert_hidden - 1):
         bad("n_routing", f"it must be an integer in 1..expert_hidden-1={config.expert_hidden - 1}")
-    if not isinstance(config.d_low, int) or config.d_low < 1:
+    if config.ffn == "aoe" and (not isinstance(config.d_low, int) or config.d_low < 1):
         bad("d_low", "it must be an integer >= 1")
     if not isinstance(config.n_shared, int) or config.n_shared < 0:
         bad("n_shared", "it must be an integer >= 0")

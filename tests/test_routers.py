@@ -214,6 +214,14 @@ def test_command_prints_a_table_per_run_and_writes_json_and_figure(runs, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["routers.json", "routers.png"]
 
 
+def test_a_moe_without_a_valid_n_routing_needs_n_units():
+    """GPTConfig checks n_routing for uoe only; an moe's is only the default size of the 'best' set."""
+    model = model_of(ffn="moe", n_routing=0)
+    with pytest.raises(routers.UserError, match="pass --n_units"):
+        routers.measure(model, tokens(2), tokens(2, seed=1))
+    assert routers.measure(model, tokens(2), tokens(2, seed=1), n_units=2)["n_units"] == 2
+
+
 def test_an_interrupt_while_writing_leaves_no_half_written_file(runs, tmp_path, monkeypatch, capsys):
     def killed_midway(fig, path, **kwargs):
         with open(path, "wb") as f:

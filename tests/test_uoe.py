@@ -455,7 +455,7 @@ def test_compile_matches_eager(ffn):
     (dict(n_routing=0), "n_routing"),
     (dict(n_routing=12), "n_routing"),
     (dict(n_embd=15), "n_embd"),
-    (dict(d_low=0), "d_low"),
+    (dict(ffn="aoe", d_low=0), "d_low"),
     (dict(uoe_output="thrice"), "uoe_output"),
     (dict(route_score="relu"), "route_score"),
     (dict(route_norm=3), "route_norm"),
@@ -464,6 +464,15 @@ def test_compile_matches_eager(ffn):
 def test_invalid_config_raises_value_error_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         cfg(**kw)
+
+
+@pytest.mark.parametrize("ffn, kw", [("dense", dict(expert_hidden=1)), ("moe", dict(expert_hidden=1)),
+                                     ("aoe", dict(n_routing=0)), ("uoe", dict(d_low=0))])
+def test_a_variant_is_not_checked_on_another_variants_options(ffn, kw):
+    """n_routing is UoE's, d_low AoE's: the other variants do not use them (D = 1 leaves UoE no Q_i units)."""
+    model = GPT(cfg(ffn=ffn, **kw))
+    idx = torch.randint(0, SMALL["vocab_size"], (1, 8))
+    assert torch.isfinite(model(idx, idx)[1])
 
 
 def test_defaults_follow_method():
