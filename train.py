@@ -240,6 +240,14 @@ def check_train_config(train, world):
                 "max_skips") + (("ckpt_interval",) if train.ckpt_interval is not None else ())
     rules = [(getattr(train, name) >= 1, f"--{name} must be >= 1") for name in positive] + [
         (train.max_iters >= 0, "--max_iters must be >= 0"),
+        (train.warmup_iters >= 0, "--warmup_iters must be >= 0"),
+        # the optimiser's own checks would end in a traceback, and a negative clip would flip every gradient
+        (train.learning_rate > 0, "--learning_rate must be > 0"),
+        (train.min_lr >= 0, "--min_lr must be >= 0"),
+        (train.weight_decay >= 0, "--weight_decay must be >= 0"),
+        (0 <= train.beta1 < 1, "--beta1 must be in [0, 1)"),
+        (0 <= train.beta2 < 1, "--beta2 must be in [0, 1)"),
+        (train.grad_clip >= 0, "--grad_clip must be >= 0 (0 disables clipping)"),
         (train.init_from in ("scratch", "resume"), "--init_from must be 'scratch' or 'resume'"),
         (train.nonfinite in ("stop", "skip"), "--nonfinite must be 'stop' or 'skip'"),
         (train.dtype in ("auto", "bfloat16", "float32"), "--dtype must be 'auto', 'bfloat16' or 'float32'"),
