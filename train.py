@@ -348,7 +348,7 @@ def read_resume_checkpoint(path):
     except CheckpointError as e:
         raise UserError(str(e)) from None
     needed = ("optimizer", "step", "train_config", "rng", "data", "best_val_loss", "rng.torch", "data.batch_rng",
-              "data.tokens")
+              "data.tokens", "data.meta_vocab_size")   # every train.py checkpoint has had each of these
     missing = [key for key in needed if not has_key(ckpt, key)]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint (no {missing[0]!r}); resume only from train.py's ckpt.pt")
@@ -441,7 +441,7 @@ def fit_vocab(cfg, meta, explicit, ckpt, folder):
     padded for GPT-2 BPE (see padded_vocab); on resume the checkpoint's."""
     n = meta["vocab_size"]
     if ckpt is not None:
-        trained_on = ckpt["data"].get("meta_vocab_size", ckpt["config"]["vocab_size"])
+        trained_on = ckpt["data"]["meta_vocab_size"]   # the data's, not the model's (maybe padded) vocab_size
         if n != trained_on:
             raise UserError(f"{folder}/meta.json has vocab_size {n} but the checkpoint was trained on data with "
                             f"vocab_size {trained_on}; resume on the same data (check --dataset and --data_dir)")

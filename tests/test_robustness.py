@@ -138,6 +138,8 @@ BAD_INPUTS = [
     ("resume_code_pickle", "refusing to load", lambda ws: ws.with_ckpt(code_pickle) + ["--init_from=resume"]),
     ("resume_without_rng_state", "not a train.py checkpoint (no 'data.batch_rng')",
      lambda ws: ws.with_ckpt(edit_ckpt(lambda c: c["data"].pop("batch_rng"))) + ["--init_from=resume"]),
+    ("resume_without_data_vocab", "not a train.py checkpoint (no 'data.meta_vocab_size')",
+     lambda ws: ws.with_ckpt(edit_ckpt(lambda c: c["data"].pop("meta_vocab_size"))) + ["--init_from=resume"]),
     ("resume_unbuildable_model", "holds a model this uoe.py cannot build",
      lambda ws: ws.with_ckpt(edit_ckpt(lambda c: c["config"].update(top_k=99))) + ["--init_from=resume"]),
     ("fresh_run_over_a_checkpoint", "already exists", lambda ws: ws.with_ckpt()),
