@@ -207,8 +207,7 @@ def parse_options(argv, table, help, program, config_files=False):
 
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help)
-            sys.exit(0)
+            print_help(help)
         if config_files and (not arg.startswith("-") or arg.startswith("--config=")):
             for name, value in read_config_file(arg.removeprefix("--config=")).items():
                 assign(name, value)
@@ -225,6 +224,16 @@ def parse_options(argv, table, help, program, config_files=False):
             value = text             # --ffn=moe: a bare word is a string
         assign(name, value, text)
     return values, explicit
+
+
+def print_help(text):
+    """Print the --help text and exit 0. A reader that leaves early (`--help | head`) has what it wanted:
+    no error, and none of main's lines about checkpoints."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when exit flushes
+    sys.exit(0)
 
 
 def split_options(values):
