@@ -529,11 +529,10 @@ def routers(run_dirs, opts):
         r.update(run=str(run.dir), label=run.label)
         print(table(f"{run.dir} ({run.label})", r) + "\n", flush=True)
         results.append((run, r))
-    out_dir = Path(opts["out_dir"] or (run_dirs[0] if len(run_dirs) == 1 else "figures"))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out_dir {out_dir} ({e.strerror}); choose another") from None
+        out_dir = plot.make_out_dir(opts["out_dir"] or (run_dirs[0] if len(run_dirs) == 1 else "figures"))
+    except plot.PlotError as e:
+        raise UserError(str(e)) from None
     save_figure_atomically(figure(results), out_dir / "routers.png")
     write_json(out_dir / "routers.json", {"options": opts, "device": str(device), "torch": torch.__version__,
                                           "runs": [r for _, r in results]}, quiet=True)

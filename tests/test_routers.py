@@ -242,6 +242,7 @@ def test_an_interrupt_while_writing_leaves_no_half_written_file(runs, tmp_path, 
     (["{moe}", "--vaL_tokens=5"], "did you mean --val_tokens"),
     (["{moe}", "--data_dir={tmp}"], "no train.bin beside"),
     (["nowhere"], "no metrics.jsonl in nowhere"),
+    (["{moe}", "--out_dir={tmp}/val.bin/figs", "--val_tokens=32", "--train_tokens=32"], "cannot create --out_dir"),
     ([], "give the out_dir of at least one"),
 ])
 def test_user_errors_are_one_line_and_exit_2(runs, args, message, tmp_path, capsys):
