@@ -43,7 +43,6 @@ construction; "all" and "rest" ask whether the other units say the same.
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
