@@ -114,6 +114,16 @@ def load_run(out_dir):
     return run
 
 
+def make_out_dir(out_dir):
+    """The folder figures go to, created if missing; a path that cannot be made is a PlotError."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PlotError(f"cannot create --out_dir {out_dir} ({e.strerror}); choose another") from None
+    return out_dir
+
+
 def load_runs(out_dirs):
     """Runs with unique labels and colours: the variant's colour, lighter/darker for repeats."""
     runs = [load_run(d) for d in out_dirs]
@@ -510,11 +520,7 @@ def plot_runs(out_dirs, out_dir, xs=("tokens",), log=False, data_dir=None, val_t
     stderr; with strict=False any other error in a figure is a note too (training must not fail
     at the very end because of a plot)."""
     runs = load_runs(out_dirs)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PlotError(f"cannot create --out_dir {out_dir} ({e.strerror}); choose another") from None
+    out_dir = make_out_dir(out_dir)
     written, tables = [], []
 
     def attempt(name, make):

@@ -43,7 +43,6 @@ construction; "all" and "rest" ask whether the other units say the same.
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -181,21 +180,10 @@ def intensities(mlp, x, chosen, control, a=None):
 
 def run_chosen(mlp, u, topk_idx, gates):
     """The FFN mlp on u (B, T, C) with the experts topk_idx (N, K) and gates (N, K) given instead of its own
-    choice; the rest of the layer (uoe's virtual shared expert, moe's shared experts) as in its forward."""
+    choice; the rest of the layer (uoe's virtual shared expert, moe's shared experts) as in its forward: the
+    layer's run_choice, which its forward ends with."""
     B, T, C = u.shape
-    x = u.reshape(-1, C)
-    if isinstance(mlp, uoe.UoEFFN):   # the routing neurons' hidden units h for all experts, as the VSE needs them
-        dtype = uoe.compute_dtype(x)
-        _, a = mlp.routing_activations(x)                                # (N, E, R)
-        a, h = a.to(dtype), mlp.routing_hidden(x, a).to(dtype)           # (N, E, R) each
-        y = mlp.chosen_experts(x, topk_idx, gates, a, h)
-        if mlp.config.vse:
-            y = y + mlp.virtual_shared_expert(h)
-    else:
-        y = mlp.chosen_experts(x, topk_idx, gates)
-        if mlp.config.n_shared:
-            y = y + mlp.shared_experts(x)
-    return y.view(B, T, C)
+    return mlp.run_choice(u.reshape(-1, C), topk_idx, gates).view(B, T, C)
 
 
 def choose(score, K, gen=None):
@@ -369,6 +357,8 @@ def measure(model, train_idx, val_idx, n_units=None, batch_size=8, seed=1337):
     if cfg.n_expert < 2:
         raise UserError("routers.py needs at least 2 experts per layer to compare rankings")
     R = n_units or cfg.n_routing
+    if R < 1:   # a moe's n_routing, which GPTConfig checks for uoe only
+        raise UserError(f"the checkpoint's n_routing={R} is no number of units for the 'best' set; pass --n_units")
     if R > cfg.expert_hidden:
         raise UserError(f"--n_units={R} is more than the experts' {cfg.expert_hidden} hidden units")
     controls = control_weights(model, seed)
@@ -538,11 +528,10 @@ def routers(run_dirs, opts):
         r.update(run=str(run.dir), label=run.label)
         print(table(f"{run.dir} ({run.label})", r) + "\n", flush=True)
         results.append((run, r))
-    out_dir = Path(opts["out_dir"] or (run_dirs[0] if len(run_dirs) == 1 else "figures"))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out_dir {out_dir} ({e.strerror}); choose another") from None
+        out_dir = plot.make_out_dir(opts["out_dir"] or (run_dirs[0] if len(run_dirs) == 1 else "figures"))
+    except plot.PlotError as e:
+        raise UserError(str(e)) from None
     save_figure_atomically(figure(results), out_dir / "routers.png")
     write_json(out_dir / "routers.json", {"options": opts, "device": str(device), "torch": torch.__version__,
                                           "runs": [r for _, r in results]}, quiet=True)

@@ -207,8 +207,7 @@ def parse_options(argv, table, help, program, config_files=False):
 
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help)
-            sys.exit(0)
+            print_help(help)
         if config_files and (not arg.startswith("-") or arg.startswith("--config=")):
             for name, value in read_config_file(arg.removeprefix("--config=")).items():
                 assign(name, value)
@@ -227,6 +226,16 @@ def parse_options(argv, table, help, program, config_files=False):
     return values, explicit
 
 
+def print_help(text):
+    """Print the --help text and exit 0. A reader that leaves early (`--help | head`) has what it wanted:
+    no error, and none of main's lines about checkpoints."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when exit flushes
+    sys.exit(0)
+
+
 def split_options(values):
     train_names = {f.name for f in fields(TrainConfig)}
     train = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
@@ -240,6 +249,14 @@ def check_train_config(train, world):
                 "max_skips") + (("ckpt_interval",) if train.ckpt_interval is not None else ())
     rules = [(getattr(train, name) >= 1, f"--{name} must be >= 1") for name in positive] + [
         (train.max_iters >= 0, "--max_iters must be >= 0"),
+        (train.warmup_iters >= 0, "--warmup_iters must be >= 0"),
+        # the optimiser's own checks would end in a traceback, and a negative clip would flip every gradient
+        (train.learning_rate > 0, "--learning_rate must be > 0"),
+        (train.min_lr >= 0, "--min_lr must be >= 0"),
+        (train.weight_decay >= 0, "--weight_decay must be >= 0"),
+        (0 <= train.beta1 < 1, "--beta1 must be in [0, 1)"),
+        (0 <= train.beta2 < 1, "--beta2 must be in [0, 1)"),
+        (train.grad_clip >= 0, "--grad_clip must be >= 0 (0 disables clipping)"),
         (train.init_from in ("scratch", "resume"), "--init_from must be 'scratch' or 'resume'"),
         (train.nonfinite in ("stop", "skip"), "--nonfinite must be 'stop' or 'skip'"),
         (train.dtype in ("auto", "bfloat16", "float32"), "--dtype must be 'auto', 'bfloat16' or 'float32'"),
@@ -340,7 +357,7 @@ def read_resume_checkpoint(path):
     except CheckpointError as e:
         raise UserError(str(e)) from None
     needed = ("optimizer", "step", "train_config", "rng", "data", "best_val_loss", "rng.torch", "data.batch_rng",
-              "data.tokens")
+              "data.tokens", "data.meta_vocab_size")   # every train.py checkpoint has had each of these
     missing = [key for key in needed if not has_key(ckpt, key)]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint (no {missing[0]!r}); resume only from train.py's ckpt.pt")
@@ -433,7 +450,7 @@ def fit_vocab(cfg, meta, explicit, ckpt, folder):
     padded for GPT-2 BPE (see padded_vocab); on resume the checkpoint's."""
     n = meta["vocab_size"]
     if ckpt is not None:
-        trained_on = ckpt["data"].get("meta_vocab_size", ckpt["config"]["vocab_size"])
+        trained_on = ckpt["data"]["meta_vocab_size"]   # the data's, not the model's (maybe padded) vocab_size
         if n != trained_on:
             raise UserError(f"{folder}/meta.json has vocab_size {n} but the checkpoint was trained on data with "
                             f"vocab_size {trained_on}; resume on the same data (check --dataset and --data_dir)")

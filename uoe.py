@@ -67,6 +67,13 @@ def swiglu(x, w_gate, w_up, w_down, mm=torch.matmul):
     return mm(F.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
+class SwiGLUWeights(NamedTuple):
+    """The three matrices of a SwiGLU FFN (§1), stacked over experts (E, ...) for dispatch."""
+    gate: torch.Tensor   # W_g (C, D)
+    up: torch.Tensor     # W_p (C, D)
+    down: torch.Tensor   # W_o (D, C)
+
+
 # -----------------------------------------------------------------------------
 # Union-of-Experts (§3). Each expert i is a SwiGLU FFN of width D whose first N_s hidden units are
 # its routing neurons; split it into those units' output R_i(x) and the rest's, Q_i(x).
@@ -84,13 +91,14 @@ class UoEFFN(nn.Module):
     again), vse=False (no VSE: routing neurons only score, chosen output g_i (R_i + Q_i)),
     route_score, route_norm. uoe_one_token below is this layer for one token, written plainly.
     Leaves aux_loss (§4) and last_routing (detached tensors for statistics, §6) on itself."""
+    routed = True             # GPT adds up the aux_loss of routed layers and summarises their last_routing
 
     def __init__(self, config):
         super().__init__()
         C, E, D = config.n_embd, config.n_expert, config.expert_hidden
-        self.config = config
-        self.n_routing = config.n_routing                    # N_s: units 0..N_s-1 of every expert
-        self.aux_loss = None                   # set by forward; here so that compiled guards never see it appear
+        self.config = config            # config.n_routing is N_s (units 0..N_s-1; GPTConfig resolves its default)
+        # set by forward; here so that compiled guards never see them appear (None: no forward yet)
+        self.aux_loss = self.last_routing = None
         self.w_gate = nn.Parameter(torch.empty(E, C, D))     # W_g^i, stacked over experts
         self.w_up = nn.Parameter(torch.empty(E, C, D))       # W_p^i
         self.w_down = nn.Parameter(torch.empty(E, D, C))     # W_o^i
@@ -102,40 +110,56 @@ class UoEFFN(nn.Module):
         # Every expert's routing neurons on every token, in float32 or wider (§4).
         pre, a = self.routing_activations(x)                           # (N, E, N_s) each: x W_g^i[:, :N_s], a_i
         # Their hidden units h_i = a_i * x W_p^i[:, :N_s], for all experts only where the VSE or the score needs them.
-        h = None
-        if config.vse or config.route_score == "swiglu":
-            h = self.routing_hidden(x, a)                              # (N, E, N_s)
+        h = self.routing_hidden(x, a) if self.h_for_all() else None    # (N, E, N_s)
         # The score of expert i is the activation intensity of its routing neurons; the top K are chosen.
         scores = self.activation_intensity(pre, a, h)                  # (N, E) s_i = ||a_i|| by default
         top_s, topk_idx = scores.topk(config.top_k, dim=-1)            # (N, K) I = topK(s)
         gates = F.softmax(top_s, dim=-1)                               # (N, K) g = softmax(s[I])
+        self.aux_loss = load_balance_loss(scores, topk_idx)            # §4: the scores of all experts
+        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
+        # y = VSE(x) + sum_{i in I} g_i Q_i(x): the chosen experts weighted by the gates, and the VSE
+        y = self.run_choice(x, topk_idx, gates, a, h, stats=self.last_routing)
+        return y.view(B, T, C)
+
+    def run_choice(self, x, topk_idx, gates, a=None, h=None, stats=None):
+        """The layer's output (N, C) for the choice topk_idx, gates (N, K), made by forward or elsewhere
+        (routers.py): the chosen experts' sum_{i in I} g_i Q_i(x), each term g_i (R_i(x) + Q_i(x)) with
+        uoe_output="twice" or vse=False, plus VSE(x). a, h (N, E, N_s): forward's routing activations and
+        hidden units (h None where not computed for all experts); for a choice made elsewhere they are not
+        given and computed here. stats: a dict (forward's last_routing) that gets the norms of the VSE's
+        and of the chosen experts' outputs (§6)."""
+        if a is None:
+            _, a = self.routing_activations(x)
+            h = self.routing_hidden(x, a) if self.h_for_all() else None
         # The experts' matmuls run in the compute dtype (bf16 under autocast): the routing tensors they
         # reuse are rounded to it here, once, the same for both expert paths.
         dtype = compute_dtype(x)
         a, h = a.to(dtype), (h.to(dtype) if h is not None else None)
-        # The chosen experts run their other units, weighted by the gates: sum_{i in I} g_i Q_i(x), (N, C);
-        # with uoe_output="twice" or vse=False each term is g_i (R_i(x) + Q_i(x)).
-        y = self.chosen_experts(x, topk_idx, gates, a, h)
-        self.aux_loss = load_balance_loss(scores, topk_idx)            # §4: the scores of all experts
-        self.last_routing = {"topk_idx": topk_idx.detach(), "scores": scores.detach()}
-        if config.vse:            # the routing neurons of ALL experts, chosen or not, add R_i(x) unweighted
-            vse = self.virtual_shared_expert(h)                        # (N, C) VSE(x) = sum_i R_i(x)
-            self.last_routing["vse_norm"] = vse.detach().norm(dim=-1)
-            self.last_routing["routed_norm"] = y.detach().norm(dim=-1)
-            y = vse + y
-        return y.view(B, T, C)
+        y = self.chosen_experts(x, topk_idx, gates, a, h)              # (N, C) sum_{i in I} g_i Q_i(x)
+        if not self.config.vse:
+            return y
+        # the routing neurons of ALL experts, chosen or not, add R_i(x) unweighted
+        vse = self.virtual_shared_expert(h)                            # (N, C) VSE(x) = sum_i R_i(x)
+        if stats is not None:
+            stats["vse_norm"], stats["routed_norm"] = vse.detach().norm(dim=-1), y.detach().norm(dim=-1)
+        return vse + y
+
+    def h_for_all(self):
+        """Whether the routing hidden units h_i are computed for all experts: the VSE or the swiglu score reads them."""
+        return self.config.vse or self.config.route_score == "swiglu"
 
     def routing_neurons(self, w):
         """The routing columns of all experts side by side: (E, C, D) -> (C, E*N_s), for one matmul."""
         E, C, _ = w.shape
-        return w[:, :, :self.n_routing].transpose(0, 1).reshape(C, E * self.n_routing)
+        Ns = self.config.n_routing
+        return w[:, :, :Ns].transpose(0, 1).reshape(C, E * Ns)
 
     def routing_activations(self, x):
         """x (N, C) through every expert's routing neurons: (pre, a), each (N, E, N_s): the
         pre-activations x W_g^i[:, :N_s] and the routing activations a_i = SiLU(pre), in float32 or
         wider also under bf16 autocast (routing_matmul), so that near-ties pick the float32 top-K."""
         E = self.w_gate.shape[0]
-        pre = routing_matmul(x, self.routing_neurons(self.w_gate)).view(-1, E, self.n_routing)
+        pre = routing_matmul(x, self.routing_neurons(self.w_gate)).view(-1, E, self.config.n_routing)
         return pre, F.silu(pre)
 
     def routing_hidden(self, x, a):
@@ -144,17 +168,13 @@ class UoEFFN(nn.Module):
         else in the compute dtype, like every matmul that only produces output."""
         E = self.w_up.shape[0]
         matmul = routing_matmul if self.config.route_score == "swiglu" else torch.matmul
-        return a * matmul(x, self.routing_neurons(self.w_up)).view(-1, E, self.n_routing)
+        return a * matmul(x, self.routing_neurons(self.w_up)).view(-1, E, self.config.n_routing)
 
     def activation_intensity(self, pre, a, h):
         """The scores s_i, (N, E): the route_norm norm of a_i (route_score="silu"), of the
         pre-activations ("pre", as AoE scores) or of the hidden units h_i ("swiglu")."""
-        v = a
-        if self.config.route_score == "pre":
-            v = pre
-        if self.config.route_score == "swiglu":
-            v = h
-        return lp_norm(v, self.config.route_norm)
+        score_of = {"silu": a, "pre": pre, "swiglu": h}[self.config.route_score]
+        return lp_norm(score_of, self.config.route_norm)
 
     def chosen_experts(self, x, topk_idx, gates, a, h=None):
         """sum over the chosen i of g_i Q_i(x), (N, C); with uoe_output="twice" or vse=False of
@@ -163,40 +183,49 @@ class UoEFFN(nn.Module):
         x (N, C); topk_idx, gates (N, K); a and h in the compute dtype. The choice may come from
         anywhere (e.g. another router): only topk_idx and gates say which experts and how much."""
         config = self.config
-        path = resolve_expert_path(config, x.device, compute_dtype(x))
         if config.vse and config.uoe_output == "once":                 # R_i is in the VSE already
-            out = dispatch(x, topk_idx, swiglu_expert, self.expert_weights(routing=False), path=path)
-        elif config.vse or config.route_score == "swiglu":           # h_i were computed for all experts
-            out = dispatch(x, topk_idx, uoe_expert_from_h, self.expert_weights(), reused=h, path=path)
-        else:                             # no VSE, score without h: h_i only for the chosen experts
-            out = dispatch(x, topk_idx, uoe_expert_from_a, self.expert_weights(), reused=a, path=path)
-        # out (N, K, C): expert topk_idx[t, k]'s output on token t; the gated sum over the K chosen
-        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+            return gated_experts(config, x, topk_idx, gates, swiglu_expert, self.expert_weights())
+        if self.h_for_all():                                           # h_i were computed for all experts
+            return gated_experts(config, x, topk_idx, gates, uoe_expert_from_h, self.expert_weights("h"), reused=h)
+        # no VSE, score without h: h_i only for the chosen experts
+        return gated_experts(config, x, topk_idx, gates, uoe_expert_from_a, self.expert_weights("a"), reused=a)
 
     def virtual_shared_expert(self, h):
         """VSE(x) = sum over ALL experts i of R_i(x) = h_i W_o^i[:N_s], unweighted (N, C): an ordinary
         SwiGLU FFN of width E*N_s made of every expert's routing neurons (§3), here one matmul on
         their hidden units h (N, E, N_s), in the compute dtype."""
-        E, _, C = self.w_down.shape
-        w_down_routing = self.w_down[:, :self.n_routing, :].reshape(E * self.n_routing, C)   # (E*N_s, C)
-        return h.reshape(-1, E * self.n_routing) @ w_down_routing
+        (E, _, C), Ns = self.w_down.shape, self.config.n_routing
+        w_down_routing = self.w_down[:, :Ns, :].reshape(E * Ns, C)   # (E*N_s, C)
+        return h.reshape(-1, E * Ns) @ w_down_routing
 
-    def expert_weights(self, routing=True):
-        """The chosen experts' weights, stacked over experts: Q_i's units N_s..D-1 as SwiGLUWeights, with
-        routing=True as UoEExpertWeights, which add R_i's W_p and W_o (the grouped path casts every
-        tensor it gets, so Q_i alone gets only Q_i's). Slicing the stacked tensors once, rather than
+    def expert_weights(self, r_from=None):
+        """The chosen experts' weights, stacked over experts, only those their expert function reads (the
+        grouped path casts every tensor it gets): Q_i's units N_s..D-1 as SwiGLUWeights; with R_i
+        finished from h_i (r_from="h") as UoEExpertWeights, which add R_i's W_o; from a_i ("a") as
+        UoEExpertWeightsFromA, which add its W_p too. Slicing the stacked tensors once, rather than
         each expert's, keeps backward at one copy per tensor."""
-        Ns = self.n_routing
+        Ns = self.config.n_routing
         q = SwiGLUWeights(gate=self.w_gate[:, :, Ns:], up=self.w_up[:, :, Ns:], down=self.w_down[:, Ns:])
-        if not routing:
+        if r_from is None:
             return q
-        return UoEExpertWeights(*q, routing_up=self.w_up[:, :, :Ns], routing_down=self.w_down[:, :Ns])
+        if r_from == "h":
+            return UoEExpertWeights(*q, routing_down=self.w_down[:, :Ns])
+        return UoEExpertWeightsFromA(*q, routing_up=self.w_up[:, :, :Ns], routing_down=self.w_down[:, :Ns])
 
 
 class UoEExpertWeights(NamedTuple):
-    """What a chosen UoE expert computes with, each stacked over experts (dispatch hands the expert
-    functions one expert's, or all for the grouped path): Q_i's units N_s..D-1 and R_i's W_p, W_o.
-    (R_i's W_g columns act in scoring only: a_i comes in computed.)"""
+    """What a chosen UoE expert computes R_i(x) + Q_i(x) with when its routing hidden units h_i come in
+    computed, each stacked over experts (dispatch hands the expert functions one expert's, or all for the
+    grouped path): Q_i's units N_s..D-1 and R_i's W_o. (R_i's W_g and W_p acted where h_i was made.)"""
+    gate: torch.Tensor            # W_g^i[:, N_s:]  (E, C, D-N_s)
+    up: torch.Tensor              # W_p^i[:, N_s:]  (E, C, D-N_s)
+    down: torch.Tensor            # W_o^i[N_s:]     (E, D-N_s, C)
+    routing_down: torch.Tensor    # W_o^i[:N_s]     (E, N_s, C)
+
+
+class UoEExpertWeightsFromA(NamedTuple):
+    """The same when only the routing activations a_i come in computed (no VSE, a score without h_i):
+    R_i's W_p too, for h_i = a_i * x W_p^i[:, :N_s]. (R_i's W_g columns act in scoring only.)"""
     gate: torch.Tensor            # W_g^i[:, N_s:]  (E, C, D-N_s)
     up: torch.Tensor              # W_p^i[:, N_s:]  (E, C, D-N_s)
     down: torch.Tensor            # W_o^i[N_s:]     (E, D-N_s, C)
@@ -213,12 +242,13 @@ def swiglu_expert(x, w, _, mm):
 
 
 def uoe_expert_from_h(x, w, h, mm):
-    """R_i(x) + Q_i(x) of a chosen UoE expert, R_i from its routing hidden units h (n, N_s)."""
+    """R_i(x) + Q_i(x) of a chosen UoE expert, R_i from its routing hidden units h (n, N_s); w: UoEExpertWeights."""
     return swiglu(x, w.gate, w.up, w.down, mm=mm) + mm(h, w.routing_down)
 
 
 def uoe_expert_from_a(x, w, a, mm):
-    """R_i(x) + Q_i(x) of a chosen UoE expert, finishing h_i = a_i * x W_p^i[:, :N_s] from a (n, N_s)."""
+    """R_i(x) + Q_i(x) of a chosen UoE expert, finishing h_i = a_i * x W_p^i[:, :N_s] from a (n, N_s);
+    w: UoEExpertWeightsFromA."""
     return uoe_expert_from_h(x, w, a * mm(x, w.routing_up), mm)
 
 
@@ -300,6 +330,15 @@ def dispatch(x, topk_idx, expert_fn, weights, reused=None, path="loop"):
     return run(x, topk_idx, expert_fn, weights, reused)
 
 
+def gated_experts(config, x, topk_idx, gates, expert_fn, weights, reused=None):
+    """sum over the K chosen experts of g_k times expert k's output, (N, C): what every routed layer's
+    chosen_experts returns. dispatch (arguments as there) on the path that resolve_expert_path picks for
+    config, x's device and compute dtype, then the gates (N, K) in the experts' output dtype."""
+    path = resolve_expert_path(config, x.device, compute_dtype(x))
+    out = dispatch(x, topk_idx, expert_fn, weights, reused=reused, path=path)   # (N, K, C), not yet gated
+    return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+
+
 # Under torch.compile the loop runs eagerly (one graph break per layer, as its .tolist() would
 # cause anyway): its block sizes are data, and dynamo, which specialises sizes 0 and 1, would
 # recompile whenever a new set of experts gets 0 or 1 tokens, and fall back to eager after 8.
@@ -330,10 +369,11 @@ def dispatch_loop(x, topk_idx, expert_fn, weights, reused=None):
 
 # -----------------------------------------------------------------------------
 # The baselines (§2): DenseFFN, MoEFFN, AoEFFN. Each takes x (B, T, C) and returns y (B, T, C); the
-# routed ones also leave `aux_loss` (§4) and `last_routing` (detached tensors, §6) on themselves.
+# routed ones (`routed = True`) also leave `aux_loss` (§4) and `last_routing` (detached tensors, §6) on themselves.
 
 class DenseFFN(nn.Module):
     """§2 dense: one SwiGLU FFN of width D."""
+    routed = False
 
     def __init__(self, config):
         super().__init__()
@@ -346,22 +386,16 @@ class DenseFFN(nn.Module):
         return swiglu(x, self.w_gate, self.w_up, self.w_down)
 
 
-class SwiGLUWeights(NamedTuple):
-    """The three matrices of a SwiGLU FFN (§1), stacked over experts (E, ...) for dispatch."""
-    gate: torch.Tensor   # W_g (C, D)
-    up: torch.Tensor     # W_p (C, D)
-    down: torch.Tensor   # W_o (D, C)
-
-
 class MoEFFN(nn.Module):
     """§2 moe: router W_r, p = softmax(x W_r), top-K, gates p[I] / sum p[I] (Mixtral), plus
     n_shared always-on shared experts (DeepSeekMoE), stored as one SwiGLU of width n_shared*D."""
+    routed = True
 
     def __init__(self, config):
         super().__init__()
         C, E, D, S = config.n_embd, config.n_expert, config.expert_hidden, config.n_shared
         self.config = config
-        self.aux_loss = self.z_loss = None     # set by forward (see UoEFFN)
+        self.aux_loss = self.z_loss = self.last_routing = None     # set by forward (see UoEFFN)
         self.router = nn.Parameter(torch.empty(C, E))
         self.w_gate = nn.Parameter(torch.empty(E, C, D))
         self.w_up = nn.Parameter(torch.empty(E, C, D))
@@ -377,21 +411,25 @@ class MoEFFN(nn.Module):
         logits = routing_matmul(x, self.router)                    # (N, E) router logits, >= float32
         top_p, topk_idx = F.softmax(logits, dim=-1).topk(self.config.top_k, dim=-1)   # (N, K)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)            # renormalised over the K
-        y = self.chosen_experts(x, topk_idx, gates)                # (N, C)
-        if self.config.n_shared:
-            y = y + self.shared_experts(x)
+        y = self.run_choice(x, topk_idx, gates)                    # (N, C)
         self.aux_loss = load_balance_loss(logits, topk_idx)
         self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # keeps router logits small
         self.last_routing = {"topk_idx": topk_idx.detach(), "scores": logits.detach()}
         return y.view(B, T, C)
 
+    def run_choice(self, x, topk_idx, gates):
+        """The layer's output (N, C) for the choice topk_idx, gates (N, K), made by forward or elsewhere
+        (routers.py): sum_{i in I} g_i FFN_i(x), plus the n_shared always-on experts."""
+        y = self.chosen_experts(x, topk_idx, gates)
+        if self.config.n_shared:
+            y = y + self.shared_experts(x)
+        return y
+
     def chosen_experts(self, x, topk_idx, gates):
         """sum over the chosen i of g_i FFN_i(x), (N, C), without the shared experts; x (N, C),
         topk_idx and gates (N, K), which may come from another router than this layer's."""
-        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
         weights = SwiGLUWeights(self.w_gate, self.w_up, self.w_down)
-        out = dispatch(x, topk_idx, swiglu_expert, weights, path=path)   # (N, K, C)
-        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+        return gated_experts(self.config, x, topk_idx, gates, swiglu_expert, weights)
 
     def shared_experts(self, x):
         """The n_shared always-on experts, unweighted, (N, C); only when n_shared > 0."""
@@ -414,12 +452,13 @@ class AoEFFN(nn.Module):
     """§2 aoe: no router. W_g^i = A_i B_i is factorised (w_gate_a, w_gate_b); one matmul gives
     C_i = x A_i for all experts, the score is ||C_i||, gates softmax over the top K, and the
     chosen experts reuse C_i."""
+    routed = True
 
     def __init__(self, config):
         super().__init__()
         C, E, D, L = config.n_embd, config.n_expert, config.expert_hidden, config.d_low
         self.config = config
-        self.aux_loss = None                   # set by forward (see UoEFFN)
+        self.aux_loss = self.last_routing = None                   # set by forward (see UoEFFN)
         self.w_gate_a = nn.Parameter(torch.empty(E, C, L))     # A_i: d x d_low
         self.w_gate_b = nn.Parameter(torch.empty(E, L, D))     # B_i: d_low x D
         self.w_up = nn.Parameter(torch.empty(E, C, D))         # W_p^i
@@ -440,10 +479,8 @@ class AoEFFN(nn.Module):
 
     def chosen_experts(self, x, topk_idx, gates, c):
         """sum over the chosen i of g_i FFN_i(x), (N, C); c (N, E, d_low): C_i of every expert."""
-        path = resolve_expert_path(self.config, x.device, compute_dtype(x))
         weights = AoEWeights(self.w_gate_b, self.w_up, self.w_down)
-        out = dispatch(x, topk_idx, aoe_expert, weights, reused=c, path=path)   # (N, K, C)
-        return (gates.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)
+        return gated_experts(self.config, x, topk_idx, gates, aoe_expert, weights, reused=c)
 
 
 FFN_CLASSES = {"dense": DenseFFN, "moe": MoEFFN, "aoe": AoEFFN, "uoe": UoEFFN}
@@ -540,7 +577,7 @@ class GPT(nn.Module):
             return logits, None
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         loss, aux = ce, ce.new_zeros(())
-        routed = [block.mlp for block in self.transformer.h if hasattr(block.mlp, "aux_loss")]
+        routed = [block.mlp for block in self.transformer.h if block.mlp.routed]
         if routed:   # (a dense model's loss stays ce itself: inductor in torch 2.13 drops the grad of ce + 0*zeros)
             aux = sum(m.aux_loss for m in routed)        # the SUM over layers: n_layer at perfect balance
             z = sum(getattr(m, "z_loss", 0.0) for m in routed)   # moe only
@@ -568,9 +605,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def routing_summary(self):
-        """Per-layer routing statistics of the last forward (§6); None for dense layers."""
-        return [routing_stats(block.mlp.last_routing) if hasattr(block.mlp, "last_routing") else None
-                for block in self.transformer.h]
+        """Per-layer routing statistics of the last forward (§6); None for dense layers, and for every
+        layer before the first forward."""
+        mlps = [block.mlp for block in self.transformer.h]
+        return [routing_stats(m.last_routing) if m.routed and m.last_routing is not None else None for m in mlps]
 
 
 def entropy(p, dim=-1):
@@ -771,9 +809,11 @@ def validate_config(config):
         bad("dropout", "it must be in [0, 1)")
     if not isinstance(config.top_k, int) or not 1 <= config.top_k <= config.n_expert:
         bad("top_k", f"it must be an integer in 1..n_expert={config.n_expert}")
-    if not isinstance(config.n_routing, int) or not 1 <= config.n_routing <= config.expert_hidden - 1:
+    # a variant's own widths only: dense with expert_hidden=1 is fine, though no uoe could have that D
+    if config.ffn == "uoe" and (not isinstance(config.n_routing, int)
+                                or not 1 <= config.n_routing <= config.expert_hidden - 1):
         bad("n_routing", f"it must be an integer in 1..expert_hidden-1={config.expert_hidden - 1}")
-    if not isinstance(config.d_low, int) or config.d_low < 1:
+    if config.ffn == "aoe" and (not isinstance(config.d_low, int) or config.d_low < 1):
         bad("d_low", "it must be an integer >= 1")
     if not isinstance(config.n_shared, int) or config.n_shared < 0:
         bad("n_shared", "it must be an integer >= 0")

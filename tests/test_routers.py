@@ -214,6 +214,14 @@ def test_command_prints_a_table_per_run_and_writes_json_and_figure(runs, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["routers.json", "routers.png"]
 
 
+def test_a_moe_without_a_valid_n_routing_needs_n_units():
+    """GPTConfig checks n_routing for uoe only; an moe's is only the default size of the 'best' set."""
+    model = model_of(ffn="moe", n_routing=0)
+    with pytest.raises(routers.UserError, match="pass --n_units"):
+        routers.measure(model, tokens(2), tokens(2, seed=1))
+    assert routers.measure(model, tokens(2), tokens(2, seed=1), n_units=2)["n_units"] == 2
+
+
 def test_an_interrupt_while_writing_leaves_no_half_written_file(runs, tmp_path, monkeypatch, capsys):
     def killed_midway(fig, path, **kwargs):
         with open(path, "wb") as f:
@@ -234,6 +242,7 @@ def test_an_interrupt_while_writing_leaves_no_half_written_file(runs, tmp_path, 
     (["{moe}", "--vaL_tokens=5"], "did you mean --val_tokens"),
     (["{moe}", "--data_dir={tmp}"], "no train.bin beside"),
     (["nowhere"], "no metrics.jsonl in nowhere"),
+    (["{moe}", "--out_dir={tmp}/val.bin/figs", "--val_tokens=32", "--train_tokens=32"], "cannot create --out_dir"),
     ([], "give the out_dir of at least one"),
 ])
 def test_user_errors_are_one_line_and_exit_2(runs, args, message, tmp_path, capsys):

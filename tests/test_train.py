@@ -190,6 +190,13 @@ def test_help_lists_every_training_and_model_option(capsys):
     assert "'mps'" in device_help
 
 
+def test_help_into_a_pipe_closed_early_exits_quietly():
+    """`python train.py --help | head`: the reader leaving is no error and no line about checkpoints."""
+    p = subprocess.Popen([*TRAIN, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    p.stdout.close()                  # the reader left before the help was written
+    assert (p.stderr.read(), p.wait(timeout=120)) == ("", 0)
+
+
 def test_unknown_option_suggests_the_nearest_valid_ones():
     with pytest.raises(train.UserError, match=r"unknown option --n_embed; did you mean --n_embd"):
         train.parse_args(["--n_embed=64"])

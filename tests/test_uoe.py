@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import uoe
-from conftest import ROUTED_VARIANTS
+from conftest import ROUTED_VARIANTS, captured_dispatch
 from uoe import GPT, GPTConfig
 
 SMALL = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16,
@@ -150,6 +150,22 @@ def test_uoe_pieces_give_the_layer_and_run_a_choice_made_elsewhere(name):
                             for t in range(10)])
     torch.testing.assert_close(m.chosen_experts(x, topk_idx, gates, a, h_reused), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(m.virtual_shared_expert(h), sum(R), rtol=0, atol=1e-12)
+
+
+Q_WEIGHTS = ("gate", "up", "down")
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("uoe", Q_WEIGHTS),                                          # R_i is in the VSE: Q_i only
+    ("uoe_twice", Q_WEIGHTS + ("routing_down",)),                # R_i from h_i: its W_o, not its W_p
+    ("uoe_no_vse_swiglu", Q_WEIGHTS + ("routing_down",)),
+    ("uoe_no_vse", Q_WEIGHTS + ("routing_up", "routing_down")),  # h_i = a_i * x W_p^i[:, :N_s] in the experts
+])
+def test_uoe_chosen_experts_get_only_the_weights_they_read(name, fields):
+    """The grouped path casts every weight it is given, every forward: the experts get only what they read."""
+    m = ffn_module(**VARIANTS[name])
+    (_, _, _, weights), _ = captured_dispatch(m, torch.randn(1, 6, SMALL["n_embd"], dtype=torch.float64))
+    assert weights._fields == fields
 
 
 # ---- model-level properties ---------------------------------------------------------------
@@ -298,6 +314,7 @@ def test_aux_loss_is_one_for_perfectly_uniform_routing():
 def test_routing_summary_reports_load_and_vse_share():
     torch.manual_seed(0)
     model = GPT(cfg(ffn="uoe"))
+    assert model.routing_summary() == [None, None]                      # no forward yet: nothing to report
     model(torch.randint(0, SMALL["vocab_size"], (2, 16)))
     s = model.routing_summary()[0]
     assert sum(s["load"]) == pytest.approx(1.0)
@@ -306,6 +323,21 @@ def test_routing_summary_reports_load_and_vse_share():
     model = GPT(cfg(ffn="dense"))
     model(torch.randint(0, SMALL["vocab_size"], (2, 16)))
     assert model.routing_summary() == [None, None]
+
+
+@pytest.mark.parametrize("ffn", uoe.FFN_VARIANTS)
+def test_routed_layers_say_so_and_start_without_routing(ffn):
+    """One test of "routed" (a class attribute) for the aux loss and the summary; last_routing exists
+    from __init__ (None), as aux_loss does, so that compiled guards never see it appear."""
+    torch.manual_seed(0)
+    model = GPT(cfg(ffn=ffn))
+    routed = ffn != "dense"
+    assert [block.mlp.routed for block in model.transformer.h] == [routed, routed]
+    if routed:
+        assert all(block.mlp.last_routing is None and block.mlp.aux_loss is None for block in model.transformer.h)
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    _, loss = model(idx, idx)
+    assert (model.last_aux.item() > 0) == routed and all((s is not None) == routed for s in model.routing_summary())
 
 
 # ---- accounting (§5) --------------------------------------------------------------------------
@@ -423,7 +455,7 @@ def test_compile_matches_eager(ffn):
     (dict(n_routing=0), "n_routing"),
     (dict(n_routing=12), "n_routing"),
     (dict(n_embd=15), "n_embd"),
-    (dict(d_low=0), "d_low"),
+    (dict(ffn="aoe", d_low=0), "d_low"),
     (dict(uoe_output="thrice"), "uoe_output"),
     (dict(route_score="relu"), "route_score"),
     (dict(route_norm=3), "route_norm"),
@@ -432,6 +464,15 @@ def test_compile_matches_eager(ffn):
 def test_invalid_config_raises_value_error_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         cfg(**kw)
+
+
+@pytest.mark.parametrize("ffn, kw", [("dense", dict(expert_hidden=1)), ("moe", dict(expert_hidden=1)),
+                                     ("aoe", dict(n_routing=0)), ("uoe", dict(d_low=0))])
+def test_a_variant_is_not_checked_on_another_variants_options(ffn, kw):
+    """n_routing is UoE's, d_low AoE's: the other variants do not use them (D = 1 leaves UoE no Q_i units)."""
+    model = GPT(cfg(ffn=ffn, **kw))
+    idx = torch.randint(0, SMALL["vocab_size"], (1, 8))
+    assert torch.isfinite(model(idx, idx)[1])
 
 
 def test_defaults_follow_method():
