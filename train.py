@@ -1,7 +1,7 @@
 """
 Train a GPT whose feed-forward layers are dense, MoE, AoE or UoE (see uoe.py and METHOD.md).
 
-    python train.py                                # ~5 min on 2 CPU cores: UoE on shakespeare_char
+    python train.py                                # UoE on shakespeare_char, 1000 steps (README: how long)
     python train.py --ffn=moe --max_iters=500      # any option as --key=value (python literals)
     python train.py config/my_run.py --seed=2      # a file of python assignments, then overrides
     python train.py --init_from=resume             # continue out_dir/ckpt.pt exactly where it stopped
@@ -67,7 +67,7 @@ class TrainConfig:
     init_from: str = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     overwrite: bool = False             # let a fresh run replace an existing out_dir/ckpt.pt
     # optimisation
-    max_iters: int = 1000               # optimizer steps (the default run: ~5 min on 2 CPU cores)
+    max_iters: int = 1000               # optimizer steps
     batch_size: int = 16                # sequences per micro-step, per process
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, over all processes together
     learning_rate: float = 2e-3         # peak learning rate
