@@ -241,7 +241,8 @@ def plot_load_heatmap(run):
 
 def plot_layer_metric(runs, series, ylabel, title, ref=None):
     """One panel per layer, the logged routing statistic(s) against tokens seen, one line per run.
-    series: [(key, linestyle, legend suffix)]; ref(run) -> value of a dotted reference line."""
+    series: [(key, linestyle, legend suffix)], each line's gid is its key (tests read the lines back);
+    ref(run) -> value of a dotted reference line."""
     def has(run, key):
         return any(isinstance(s, dict) and s.get(key) is not None for r in run.routing_rows for s in r["routing"])
     runs = [r for r in runs if any(has(r, key) for key, _, _ in series)]
@@ -257,7 +258,7 @@ def plot_layer_metric(runs, series, ylabel, title, ref=None):
             for key, ls, suffix in series:
                 xy = [(t, s[key]) for t, s in pts if s.get(key) is not None]
                 if xy:
-                    ax.plot(*zip(*xy), color=run.color, linestyle=ls, label=run.label + suffix)
+                    ax.plot(*zip(*xy), color=run.color, linestyle=ls, label=run.label + suffix, gid=key)
         for value in sorted({ref(r) for r in runs} if ref else []):
             ax.axhline(value, color="0.5", linestyle=":", linewidth=1)
         ax.set_title(f"layer {layer}", fontsize="medium")

@@ -115,12 +115,15 @@ def assert_png(path):
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
 
 
+# what plot_run writes for a routed run from metrics.jsonl alone, and what it needs the checkpoint and val.bin for
+ROUTING_FIGURES = {"ent_load.png", "load_minmax.png", "conf_entropy.png", "vse_share.png", "load_heatmap.png"}
+CHECKPOINT_FIGURES = {"intensity.png", "specialisation.png", "specialisation.md"}
+
+
 def test_plot_run_writes_every_figure_of_a_uoe_run(runs):
     written = plot.plot_run(runs["uoe"], data_dir=runs["data"], strict=True)
     names = {p.name for p in written}
-    assert names == {"loss.png", "loss_flops.png", "ent_load.png", "load_minmax.png", "conf_entropy.png",
-                     "vse_share.png", "load_heatmap.png", "intensity.png", "specialisation.png",
-                     "specialisation.md"}
+    assert names >= {"loss.png", "loss_flops.png"} | ROUTING_FIGURES | CHECKPOINT_FIGURES   # more is harmless
     for p in written:
         assert p.parent == runs["uoe"] and p.is_file()
         if p.suffix == ".png":
@@ -130,14 +133,15 @@ def test_plot_run_writes_every_figure_of_a_uoe_run(runs):
 
 def test_dense_run_skips_routing_figures(runs, capsys):
     names = {p.name for p in plot.plot_run(runs["dense"], data_dir=runs["data"], strict=True)}
-    assert names == {"loss.png", "loss_flops.png"}
+    assert names >= {"loss.png", "loss_flops.png"}
+    assert not names & (ROUTING_FIGURES | CHECKPOINT_FIGURES)
 
 
 def test_missing_val_data_skips_checkpoint_figures_with_a_note(runs, tmp_path, capsys):
     names = {p.name for p in plot.plot_run(runs["moe"], data_dir=tmp_path, strict=True)}
     assert "note: skipped specialisation.png: no val.bin" in capsys.readouterr().err
-    assert names == {"loss.png", "loss_flops.png", "ent_load.png", "load_minmax.png", "conf_entropy.png",
-                     "load_heatmap.png"}
+    assert names >= {"loss.png", "loss_flops.png"} | (ROUTING_FIGURES - {"vse_share.png"})
+    assert not names & (CHECKPOINT_FIGURES | {"vse_share.png"})   # no checkpoint data; no VSE in a moe
 
 
 def test_plot_run_survives_a_cut_log_without_run_json(runs, tmp_path):
@@ -207,15 +211,18 @@ def test_load_heatmap_is_the_last_logged_load(runs):
 def test_routing_over_training_shows_the_logged_statistics(runs, fn, keys):
     fig = fn(plot.load_runs([runs["uoe"]]))
     train = [r for r in metrics(runs["uoe"]) if r["kind"] == "train"]
-    for layer, ax in enumerate(fig.axes[:SIZES["n_layer"]]):
-        for line, key in zip(ax.lines, keys):
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [f"layer {i}" for i in range(SIZES["n_layer"])]
+    for layer, ax in enumerate(panels):
+        for key in keys:   # one line per statistic: the logged values of this layer, against tokens seen
+            [line] = lines(ax, key)
             np.testing.assert_allclose(line.get_xdata(), [r["tokens"] for r in train])
             np.testing.assert_allclose(line.get_ydata(), [r["routing"][layer][key] for r in train])
 
 
 def test_vse_share_figure_leaves_out_runs_without_vse(runs):
     fig = plot.plot_vse_share(plot.load_runs([runs["uoe"], runs["moe"]]))
-    assert all(len(ax.lines) == 1 for ax in fig.axes[:SIZES["n_layer"]])
+    assert all(len(lines(ax, "vse_share")) == 1 for ax in fig.axes[:SIZES["n_layer"]])   # the uoe's only
 
 
 def test_intensity_violins_are_the_checkpoints_routing_scores_on_val(runs):
