@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +29,12 @@ from matplotlib.colors import LinearSegmentedColormap, to_rgb
 from matplotlib.figure import Figure   # no pyplot: no global state, Agg canvas on savefig
 from matplotlib.ticker import EngFormatter, LogFormatter, PercentFormatter
 
+import uoe
 from data.prepare import DataError, read_meta
 
 REPO = Path(__file__).resolve().parent
 COLORS = {"dense": "#555555", "moe": "#1f77b4", "aoe": "#2ca02c", "uoe": "#d62728"}   # one per variant
-OTHER_COLOR = "#9467bd"
+OTHER_COLOR = "#9467bd"   # a variant without a colour above
 DPI = 120
 X_AXES = {"tokens": "tokens seen", "flops": "training FLOPs (3 x forward)"}
 
@@ -74,21 +75,13 @@ class Run:
 
 
 def settings_label(c):
-    """'uoe E8 K2 D256 R32': the variant and the settings that distinguish it."""
-    ffn = c.get("ffn", "?")
-    if ffn == "dense":
-        return f"dense D{c.get('expert_hidden')}"
-    s = f"{ffn} E{c.get('n_expert')} K{c.get('top_k')} D{c.get('expert_hidden')}"
-    if ffn == "moe" and c.get("n_shared"):
-        s += f" S{c['n_shared']}"
-    if ffn == "aoe":
-        s += f" L{c.get('d_low')}"
-    if ffn == "uoe":
-        s += f" R{c.get('n_routing')}"
-        s += "" if c.get("vse", True) else " noVSE"
-        s += " twice" if c.get("uoe_output") == "twice" else ""
-        s += "" if c.get("route_score", "silu") == "silu" else f" {c['route_score']}"
-    return s
+    """'uoe E8 K2 D256 R32': the variant and the settings that distinguish it (uoe.ffn_label), of a run's
+    config dict c (run.json). Fields this GPTConfig lacks are dropped; on the loop path, so no device check
+    runs. A config that GPTConfig refuses (a variant this uoe.py lacks, no ffn) raises ValueError."""
+    if "ffn" not in c:
+        raise ValueError("its config names no ffn")
+    known = {f.name for f in fields(uoe.GPTConfig)}
+    return uoe.ffn_label(uoe.GPTConfig(**{**{k: v for k, v in c.items() if k in known}, "expert_path": "loop"}))
 
 
 def load_run(out_dir):
@@ -110,7 +103,10 @@ def load_run(out_dir):
               train=info.get("train") or {}, dataset=info.get("dataset"), meta=info.get("meta") or {},
               train_rows=[r for r in rows if r.get("kind") == "train"],
               eval_rows=[r for r in rows if r.get("kind") == "eval"])
-    run.label = settings_label(run.config) if run.config else run.name
+    try:
+        run.label = settings_label(run.config) if run.config else run.name
+    except (TypeError, ValueError) as e:
+        raise PlotError(f"cannot plot {out_dir}: run.json: {e}; plot it with the uoe.py that trained it") from None
     return run
 
 
@@ -327,7 +323,6 @@ def find_val(run, data_dir=None):
 
 
 def load_model(run):
-    import uoe
     try:
         return uoe.model_from_checkpoint(uoe.load_checkpoint(str(run.dir / "ckpt.pt"), "cpu")).eval()
     except uoe.CheckpointError as e:

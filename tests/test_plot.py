@@ -197,6 +197,43 @@ def test_variant_colours_are_fixed_and_repeats_get_shades(runs):
     assert a.label != c.label
 
 
+def test_a_variant_without_its_own_colour_still_gets_one(runs, monkeypatch):
+    monkeypatch.delitem(plot.COLORS, "moe")
+    [run] = plot.load_runs([runs["moe"]])
+    assert run.color == pytest.approx(matplotlib.colors.to_rgb(plot.OTHER_COLOR))
+
+
+# the labels plot gave before uoe.ffn_label made them, byte for byte; settings a variant does not read stay out
+@pytest.mark.parametrize("settings,label", [
+    (dict(ffn="dense"), "dense D256"), (dict(ffn="dense", n_expert=4, vse=False), "dense D256"),
+    (dict(ffn="moe"), "moe E8 K2 D256"), (dict(ffn="moe", n_shared=1, vse=False), "moe E8 K2 D256 S1"),
+    (dict(ffn="aoe"), "aoe E8 K2 D256 L42"), (dict(ffn="aoe", d_low=7, n_shared=1), "aoe E8 K2 D256 L7"),
+    (dict(ffn="uoe"), "uoe E8 K2 D256 R32"),
+    (dict(ffn="uoe", vse=False, uoe_output="twice", route_score="pre"), "uoe E8 K2 D256 R32 noVSE twice pre"),
+    (dict(ffn="uoe", route_score="swiglu", n_routing=5, n_expert=4, top_k=1, expert_hidden=48, n_shared=1),
+     "uoe E4 K1 D48 R5 swiglu")])
+def test_settings_label_of_each_variant_is_unchanged(settings, label):
+    assert plot.settings_label(asdict(GPTConfig(**settings))) == label
+
+
+@pytest.mark.parametrize("ffn,msgs", [("soe", ["'soe'", "dense, moe, aoe, uoe"]), (None, ["names no ffn"])])
+def test_a_run_of_an_unregistered_variant_is_one_line_exit_2(runs, tmp_path, capsys, ffn, msgs):
+    out = tmp_path / "out-new"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text((runs["moe"] / "metrics.jsonl").read_text())
+    info = json.loads((runs["moe"] / "run.json").read_text())
+    info["config"]["ffn"] = ffn   # trained by a uoe.py with a variant that this one lacks
+    if ffn is None:
+        del info["config"]["ffn"]
+    (out / "run.json").write_text(json.dumps(info))
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(out), "--no_ckpt"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot plot {out}: run.json: ") and all(m in err for m in msgs)
+    assert not list(out.glob("*.png"))
+
+
 def test_load_heatmap_is_the_last_logged_load(runs):
     run = plot.load_run(runs["uoe"])
     last = [r for r in metrics(runs["uoe"]) if r["kind"] == "train"][-1]
