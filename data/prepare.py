@@ -8,6 +8,9 @@ Turn a text source into data/<name>/{train.bin, val.bin, meta.json} for train.py
     python data/prepare.py --input PATH [PATH ...] --name NAME [--tokenizer char|gpt2] [--val_fraction 0.1]
                            [--out_dir DIR] [--bpe_dir DIR]
 
+The tokenizer is --tokenizer, else the named dataset's own (the four above: as their names say), else char
+for --input: one token per character, a vocabulary of a few dozen to a few hundred ids, which is what a
+toy model wants (gpt2 would give it 50,257, padded to 50,304 by train.py). A name never picks it.
 PATH: a file, or a folder whose text and Python files are read in sorted order; files are joined with a
 newline after one that lacks it. val.bin is the last val_fraction of the tokens. GPT-2 BPE comes from
 --bpe_dir, $UOE_BPE_DIR or the shipped data/gpt2 (data/README.md); tiktoken downloads them only when
@@ -35,11 +38,12 @@ DATA_DIR = Path(__file__).resolve().parent             # data/<name>/ lives here
 BUNDLED_BPE = DATA_DIR / "gpt2"                        # GPT-2's encoder.json + vocab.bpe, shipped
 BUNDLED_SHAKESPEARE = DATA_DIR / "tinyshakespeare.txt"  # shipped with the repository
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2",   # known names -> tokenizer
+DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2",   # the built-in datasets -> their tokenizer
             "pystdlib_char": "char", "pystdlib": "gpt2"}
+INPUT_TOKENIZER = "char"     # --input's default: a toy model wants a few dozen ids, not GPT-2's 50,257
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".py"}
 STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}   # folders left out of pystdlib
-UNK = "\ufffd"               # pystdlib_char: what a non-ASCII character becomes
+UNK = "\ufffd"               # pystdlib_char: what a non-ASCII character becomes (meta.json's "unk")
 CHUNK_CHARS = 4 << 20        # characters per streamed chunk
 LAST_CUT = re.compile(r".*\S(?=[ \n])", re.DOTALL)   # greedy: up to the last non-space before a space/newline
 
@@ -102,16 +106,25 @@ def read_meta(data_dir):
 
 
 def get_tokenizer(meta, bpe_dir=None):
-    """(encode, decode) for a prepared dataset's meta: encode(str) -> list of ids, decode(ids) -> str."""
+    """(encode, decode) for a prepared dataset's meta: encode(str) -> list of ids, decode(ids) -> str.
+    A char dataset with an unknown token (meta's "unk": pystdlib_char's UNK) encodes a character outside its
+    vocabulary as that token, as prepare() did in its corpus, with a warning on stderr; one without refuses it."""
     if meta["tokenizer"] == "char":
         itos = meta["itos"]
         stoi = {c: i for i, c in enumerate(itos)}
+        unk = meta.get("unk")
 
         def encode(text):
             missing = sorted(set(text) - stoi.keys())
-            if missing:
+            if missing and unk is None:
                 raise DataError(f"characters {''.join(missing)!r} are not in the dataset's vocabulary; leave them out")
-            return [stoi[c] for c in text]
+            if missing:
+                n = sum(c not in stoi for c in text)
+                shown = "".join(missing[:20]) + ("..." if len(missing) > 20 else "")
+                print(f"warning: {n} character{'s' * (n != 1)} ({shown!r}) "
+                      f"{'are' if n != 1 else 'is'} not in the dataset's vocabulary; encoded as its unknown token "
+                      f"{unk!r}, as in its corpus", file=sys.stderr)
+            return [stoi[c] if c in stoi else stoi[unk] for c in text]
         return encode, lambda ids: "".join(itos[int(i)] for i in ids)
     enc = gpt2_encoding(find_bpe_dir(bpe_dir))
     return enc.encode_ordinary, lambda ids: enc.decode([int(i) for i in ids])
@@ -248,17 +261,28 @@ def char_vocabulary(files, chunk_chars, ascii_only):
     return [chr(c) for c in present], lambda text: table[code_points(text)], int(counts[128:].sum())
 
 
+def choose_tokenizer(name, input=None, tokenizer=None):
+    """(tokenizer, why): the one given, else a built-in dataset's own, else INPUT_TOKENIZER for --input.
+    The name alone never picks it: `--input a.txt --name mine` and `--name mine_bpe` both get char."""
+    if tokenizer:
+        return tokenizer, "--tokenizer"
+    if input is None and name in DATASETS:
+        return DATASETS[name], f"the built-in {name}'s own"
+    return INPUT_TOKENIZER, "--tokenizer default for --input; --tokenizer=gpt2 for GPT-2 BPE"
+
+
 def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bpe_dir=None,
             chunk_chars=CHUNK_CHARS, workers=min(8, os.cpu_count() or 1), stdlib_root=None):
     """Write out_dir (default data/<name>)/{train.bin, val.bin, meta.json}; returns out_dir.
-    input: a path or a list of paths; stdlib_root: the folder pystdlib* reads (default: this Python's);
-    workers: threads that encode (the ids do not depend on it)."""
+    tokenizer: char, gpt2 or None (choose_tokenizer's default); input: a path or a list of paths;
+    stdlib_root: the folder pystdlib* reads (default: this Python's); workers: threads that encode (the ids
+    do not depend on it)."""
     t0 = time.time()
     if input is None and name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; use {' or '.join(DATASETS)}, or give --input PATH --name {name}")
     if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
         raise DataError(f"dataset name {name!r} is not a plain folder name; use letters, digits, _ . -")
-    tokenizer = tokenizer or DATASETS.get(name, "gpt2")
+    tokenizer, why = choose_tokenizer(name, input, tokenizer)
     if tokenizer not in ("char", "gpt2"):
         raise DataError(f"unknown tokenizer {tokenizer!r}; use char or gpt2")
     if not 0 < val_fraction < 1:
@@ -273,6 +297,7 @@ def prepare(name, input=None, tokenizer=None, val_fraction=0.1, out_dir=None, bp
         tempfile.TemporaryFile(dir=out_dir).close()   # can we write there?
     except OSError as e:
         raise DataError(f"cannot write to {out_dir} ({e.strerror}); choose another --out_dir") from None
+    print(f"tokenizer: {tokenizer} ({why})", flush=True)
 
     meta = {"name": name, "tokenizer": tokenizer}
     if stdlib:  # the corpus depends on this Python's version, build and distribution
@@ -342,7 +367,10 @@ def main(argv=None):
     p.add_argument("dataset", nargs="?", help=f"{' or '.join(DATASETS)} (or use --input and --name)")
     p.add_argument("--input", nargs="+", help="files (any suffix: .txt, .py, ...) and/or folders of text and .py files")
     p.add_argument("--name", help="dataset name (default: the input's file name)")
-    p.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char for *_char datasets, else gpt2")
+    p.add_argument("--tokenizer", choices=["char", "gpt2"],
+                   help="char: one token per character; gpt2: GPT-2 BPE (50,257 tokens). Default: a built-in "
+                        f"dataset's own ({', '.join(f'{n}: {t}' for n, t in DATASETS.items())}), "
+                        f"{INPUT_TOKENIZER} for --input whatever its --name")
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--out_dir", help="default: data/<name>")
     p.add_argument("--bpe_dir", help="folder with GPT-2's encoder.json and vocab.bpe (or set UOE_BPE_DIR)")

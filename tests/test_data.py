@@ -63,6 +63,22 @@ def test_char_encode_refuses_unknown_characters(tmp_path):
         encode("abz")
 
 
+def test_char_encode_maps_unknown_characters_to_the_unknown_token_as_the_corpus_did(tmp_path, capsys):
+    """pystdlib_char's corpus has every non-ASCII character as UNK: a prompt's are encoded the same way,
+    with one warning line that counts them (sample.py's --start)."""
+    root = fake_stdlib(tmp_path / "lib")
+    meta, train, val = load(prep.prepare("pystdlib_char", out_dir=tmp_path / "o", stdlib_root=root))
+    capsys.readouterr()
+    encode, decode = prep.get_tokenizer(meta)
+    ids = encode("# caf\u00e9 \u201cquoted\u201d\n")       # json/__init__.py's line, as written
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: 3 characters ") and err.count("\n") == 1 and "unknown token" in err, err
+    assert decode(ids) == "# caf\ufffd \ufffdquoted\ufffd\n"
+    corpus_ids = np.concatenate([train, val]).tolist()
+    assert any(corpus_ids[i:i + len(ids)] == ids for i in range(len(corpus_ids)))   # the corpus's own ids
+    assert encode("x = 1") == [meta["stoi"][c] for c in "x = 1"] and capsys.readouterr().err == ""
+
+
 def test_gpt2_from_local_files_offline(tmp_path, monkeypatch):
     import tiktoken
 
@@ -274,7 +290,8 @@ def test_failed_prepare_leaves_the_old_dataset_and_no_temp_files(tmp_path):
     with pytest.raises(prep.DataError, match="b.txt is not UTF-8"):
         prep.prepare("a", input=tmp_path / "src", tokenizer="gpt2", out_dir=out)
     assert (out / "meta.json").read_text() == before
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    names = {p.name for p in out.iterdir()}
+    assert {"meta.json", "train.bin", "val.bin"} <= names and not [n for n in names if n.endswith(".tmp")]
 
 
 def test_cli_prepares_a_file(tmp_path):
@@ -283,6 +300,33 @@ def test_cli_prepares_a_file(tmp_path):
     assert r.returncode == 0, r.stderr
     meta, train, val = load(tmp_path / "o")
     assert meta["name"] == "tiny" and meta["val_fraction"] == 0.2
+
+
+def test_input_is_char_level_whatever_its_name_unless_tokenizer_says(tmp_path):
+    """--input's default is characters: a name ending in _char used to get GPT-2 BPE (50,257 ids)."""
+    text = corpus()
+    src = write(tmp_path / "in.txt", text)
+    r = run_cli("--input", src, "--name", "mine_char", "--out_dir", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tokenizer: char (--tokenizer default for --input")
+    meta = load(tmp_path / "a")[0]
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == len(set(text)) and meta["itos"] == sorted(set(text))
+    r = run_cli("--input", src, "--name", "mine", "--tokenizer", "gpt2", "--out_dir", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tokenizer: gpt2 (--tokenizer)\n")
+    assert (load(tmp_path / "b")[0]["tokenizer"], load(tmp_path / "b")[0]["vocab_size"]) == ("gpt2", 50257)
+    help_text = " ".join(run_cli("--help").stdout.split())
+    assert "char for --input whatever its --name" in help_text and "*_char" not in help_text
+
+
+def test_built_in_datasets_keep_their_tokenizers_and_input_defaults_to_char():
+    expected = {"shakespeare_char": "char", "shakespeare": "gpt2", "pystdlib_char": "char", "pystdlib": "gpt2"}
+    for name, tokenizer in expected.items():
+        assert prep.choose_tokenizer(name) == (tokenizer, f"the built-in {name}'s own")
+        assert prep.choose_tokenizer(name, tokenizer="char") == ("char", "--tokenizer")
+    for name in ("mine", "mine_char", "mine_bpe", "shakespeare"):
+        assert prep.choose_tokenizer(name, input="x.txt")[0] == "char"
+    assert prep.choose_tokenizer("mine", input="x.txt", tokenizer="gpt2") == ("gpt2", "--tokenizer")
 
 
 def _error_cases(tmp):
@@ -316,7 +360,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, case, capsys):
     with pytest.raises(SystemExit) as e:
         prep.main(list(map(str, args)))
     out, err = capsys.readouterr()
-    assert e.value.code == 2 and out == ""
+    assert e.value.code == 2 and all(line.startswith("tokenizer: ") for line in out.splitlines()), out
     assert err.startswith("error: ") and err.count("\n") == 1 and "; " in err, err
     assert message in err
     assert not (tmp_path / "out" / "meta.json").exists()
