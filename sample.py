@@ -5,7 +5,9 @@ Sample from a trained model (nanoGPT's sample.py), optionally showing which expe
     python sample.py --out_dir=out-uoe --show_routing --routing_layer=0 --routing_html=routing.html
 
 Options are train.py's: --key=value (Python literals; strings may be bare), a boolean also as a bare --flag.
---start is the prompt text, or FILE:path to read it from a file. The same --seed gives the same text.
+--start is the prompt text, or FILE:path to read it from a file; on a char dataset with an unknown token
+(pystdlib_char) a character outside its vocabulary becomes that token, with a warning, as in its corpus.
+The same --seed (0 to 2**63 - 1) gives the same text.
 Only the dataset's own token ids are sampled (train.py pads GPT-2 BPE's 50257 to 50304; those extra ids
 would not decode).
 The model runs in float32 on --device; its routed experts take the path that expert_path='auto' picks
@@ -39,7 +41,7 @@ class SampleConfig:
     max_new_tokens: int = 200      # tokens per sample
     temperature: float = 0.8       # < 1 sharper, > 1 more random
     top_k: int | None = 200        # sample among the top_k most likely tokens (None: all)
-    seed: int = 1337               # the same seed gives the same text
+    seed: int = 1337               # the same seed gives the same text (0 .. 2**63 - 1)
     device: str = "cpu"            # cpu, cuda, cuda:1, mps (Apple silicon, untested) ...
     show_routing: bool = False     # mark every token with the expert that routed it
     routing_layer: int = -1        # the layer whose routing is shown (-1: the last)
@@ -57,10 +59,14 @@ def parse(argv):
     """The options (train.py's dialect: --key=value, a bare --flag for a boolean, --help), range-checked."""
     table = option_table([SampleConfig])
     opts, _ = parse_options(argv, table, help_text(table, __doc__, [("sample.py", SampleConfig)]), "sample.py")
-    for key, ok in (("num_samples", opts["num_samples"] >= 1), ("max_new_tokens", opts["max_new_tokens"] >= 0),
-                    ("temperature", opts["temperature"] > 0), ("top_k", opts["top_k"] is None or opts["top_k"] >= 1)):
+    for key, ok, want in (("num_samples", opts["num_samples"] >= 1, "1 or more"),
+                          ("max_new_tokens", opts["max_new_tokens"] >= 0, "0 or more"),
+                          ("temperature", opts["temperature"] > 0, "a number above 0, e.g. 0.8"),
+                          ("top_k", opts["top_k"] is None or opts["top_k"] >= 1, "1 or more, or None"),
+                          # a non-negative int64: torch wraps a negative seed onto a large one, fails past 2**64
+                          ("seed", 0 <= opts["seed"] < 2**63, "0 to 2**63 - 1")):
         if not ok:
-            raise UserError(f"--{key}={opts[key]} is out of range; see the defaults in sample.py")
+            raise UserError(f"--{key}={opts[key]} is out of range; use {want}")
     return opts
 
 
@@ -220,12 +226,13 @@ def sample(o):
 
 def token_pieces(decode, ids):
     """The text of each token, joining to exactly decode(ids): a BPE token that ends inside a
-    multi-byte UTF-8 character gets '' and its bytes are shown with the token that completes it."""
+    multi-byte UTF-8 character gets '' and its bytes are shown with the token that completes it.
+    Any other token is its own text, a char dataset's unknown token '\ufffd' included."""
     pieces, start = [], 0
     for i in range(len(ids)):
-        text = decode(ids[start:i + 1])
-        if text.endswith("\ufffd") and i + 1 < len(ids):
-            pieces.append("")
+        text, ahead = decode(ids[start:i + 1]), ids[i + 1:i + 4]   # a character's bytes end within 3 tokens
+        if text.endswith("\ufffd") and decode(ids[start:i + 4]) != text + decode(ahead):
+            pieces.append("")   # the next tokens decode differently with this one's bytes: they complete it
             continue
         pieces.append(text)
         start = i + 1

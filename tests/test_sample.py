@@ -4,6 +4,7 @@ and every user error ends in one line with exit code 2."""
 import html
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -26,15 +27,15 @@ SIZES = dict(vocab_size=len(ITOS), block_size=32, n_layer=2, n_head=2, n_embd=32
 ENV = {**ENV, "NO_COLOR": "1"}
 
 
-def write_run(out_dir, ffn="uoe", seed=0, **overrides):
+def write_run(out_dir, ffn="uoe", seed=0, meta=META, **overrides):
     """A run folder as train.py leaves it: ckpt.pt (a randomly initialised model) and run.json."""
     torch.manual_seed(seed)
-    config = GPTConfig(ffn=ffn, **{**SIZES, **overrides})
+    config = GPTConfig(ffn=ffn, **{**SIZES, "vocab_size": meta["vocab_size"], **overrides})
     out_dir.mkdir(parents=True)
     uoe.save_checkpoint(str(out_dir / "ckpt.pt"), {"model": GPT(config).state_dict(), "config": asdict(config),
                                                    "train_config": {"dataset": "tiny"}, "step": 0, "version": 1})
     (out_dir / "run.json").write_text(json.dumps({"config": asdict(config), "train": {}, "dataset": "tiny",
-                                                  "meta": META}))
+                                                  "meta": meta}))
     return out_dir
 
 
@@ -67,11 +68,11 @@ def parse_tags(text):
 
 
 @torch.no_grad()
-def own_routing(out_dir, chars, layer):
+def own_routing(out_dir, chars, layer, meta=META):
     """The model's top-1 expert (topk_idx[:, 0]) for each char, as the model read it: one forward per char
     of the up to block_size chars that end at it, the char's routing at the last position."""
     model = uoe.model_from_checkpoint(uoe.load_checkpoint(str(out_dir / "ckpt.pt"))).eval()
-    ids, T = [META["stoi"][c] for c in chars], model.config.block_size
+    ids, T = [meta["stoi"][c] for c in chars], model.config.block_size
     experts = []
     for i in range(len(ids)):
         model(torch.tensor([ids[max(0, i + 1 - T):i + 1]]))
@@ -79,12 +80,12 @@ def own_routing(out_dir, chars, layer):
     return experts
 
 
-def check_routing(out_dir, text, layer, prompt):
+def check_routing(out_dir, text, layer, prompt, meta=META):
     items = parse_tags(text)
     chars = [c for _, c in items]
     assert "".join(chars).startswith(prompt)
     assert all(e is not None for e, _ in items)          # every token, the prompt's too, has its tag
-    assert [e for e, _ in items] == own_routing(out_dir, chars, layer)
+    assert [e for e, _ in items] == own_routing(out_dir, chars, layer, meta)
     return items
 
 
@@ -138,6 +139,22 @@ def test_never_samples_the_padding_ids_of_a_padded_vocabulary(tmp_path, capsys):
     assert len(texts) == 2 and all(e is not None for t in texts for e, _ in parse_tags(t))
     assert set("".join(c for t in texts for _, c in parse_tags(t))) <= set(ITOS)
     assert sample.dataset_vocab({}, META) == len(ITOS)                  # a checkpoint without data: run.json's
+
+
+def test_prompt_characters_outside_the_vocabulary_become_the_unknown_token_shown_as_its_own_piece(tmp_path, capsys):
+    """A dataset with an unknown token (pystdlib_char: every non-ASCII character is UNK in its corpus): a prompt's
+    unknown characters are encoded as UNK, with one warning line, and --show_routing tags UNK as its own token."""
+    itos = ITOS + ["\ufffd"]                                          # code point order, as prepare.py writes it
+    meta = {**META, "vocab_size": len(itos), "itos": itos, "stoi": {c: i for i, c in enumerate(itos)},
+            "unk": "\ufffd"}
+    out = write_run(tmp_path / "unk", meta=meta)
+    sample.main([f"--out_dir={out}", "--start=a caf\u00e9 \u201cat\u201d", "--num_samples=1",
+                 "--max_new_tokens=40", "--show_routing"])
+    captured = capsys.readouterr()
+    assert captured.err.startswith("warning: 3 characters ") and captured.err.count("\n") == 1, captured.err
+    (text,) = samples(captured.out)
+    items = check_routing(out, text, 1, "a caf\ufffd \ufffdat\ufffd", meta)   # one tag per character, UNK's too
+    assert len(items) == len("a caf\u00e9 \u201cat\u201d") + 40
 
 
 def test_start_from_file(runs, tmp_path, capsys):
@@ -197,6 +214,8 @@ def incompatible_weights(out_dir):
     (write_run, ["--num_samples=two"], "--num_samples expects int, got 'two'"),
     (write_run, ["--num_samples=2.5"], "--num_samples expects int, got 2.5"),
     (write_run, ["--temperature=0"], "out of range"),
+    (write_run, ["--seed=-1"], "--seed=-1 is out of range; use 0 to 2**63 - 1"),
+    (write_run, [f"--seed={2**64}"], f"--seed={2**64} is out of range"),
     (write_run, ["--max_new_tokens"], "cannot parse '--max_new_tokens'"),
     (write_run, ["--start=[x]"], "not in the dataset's vocabulary"),
     (write_run, ["--start=FILE:/nonexistent/p.txt"], "cannot read the prompt file"),
@@ -212,6 +231,12 @@ def test_user_errors_end_in_one_line_and_exit_2(tmp_path, capsys, make, extra, m
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and msg in captured.err, captured.err
     assert captured.out == ""
+
+
+def test_the_largest_seed_samples(runs, capsys):
+    assert sample.parse(["--seed=0"])["seed"] == 0
+    sample.main([f"--out_dir={runs['dense']}", f"--seed={2**63 - 1}", "--num_samples=1", "--max_new_tokens=3"])
+    assert len(samples(capsys.readouterr().out)) == 1
 
 
 def test_mps_device_is_checked_with_a_one_line_error(tmp_path, capsys, monkeypatch):
@@ -263,6 +288,23 @@ def test_routed_bpe_pieces_join_to_the_decoded_text():
     pieces = token_pieces(enc.decode, ids)
     assert len(pieces) == len(ids) and "".join(pieces) == enc.decode(ids)
     assert "\ufffd" not in "".join(pieces)
+    # a sampled model may emit any bytes: split characters, stray continuation bytes, a real U+FFFD
+    byte_ids = [enc.encode_single_token(bytes([b])) for b in (0xe6, 0x97, 0xa5, 0xf0, 0x9f, 0x98, 0x80, 0xbf)]
+    words = [enc.encode_ordinary(w) for w in ("a", " x", "\ufffd", "日本", "😀")]
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [i for _ in range(rng.randint(1, 8)) for i in rng.choice([[rng.choice(byte_ids)], rng.choice(words)])]
+        pieces = token_pieces(enc.decode, ids)
+        assert len(pieces) == len(ids) and "".join(pieces) == enc.decode(ids), ids
+
+
+def test_each_character_token_is_its_own_piece_the_unknown_token_included():
+    """pystdlib_char's UNK decodes to '\ufffd' like a split BPE character, but is a whole token."""
+    from sample import token_pieces
+    itos = ["a", "b", "\ufffd"]
+    decode = lambda ids: "".join(itos[i] for i in ids)   # noqa: E731
+    assert token_pieces(decode, [0, 2, 1]) == ["a", "\ufffd", "b"]
+    assert token_pieces(decode, [2, 2, 0, 2]) == ["\ufffd", "\ufffd", "a", "\ufffd"]
 
 
 def test_a_closed_output_pipe_ends_quietly_with_exit_141(runs):
