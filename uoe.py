@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FFN_VARIANTS = ("dense", "moe", "aoe", "uoe")
 EXPERT_PATHS = ("auto", "loop", "grouped")
 # one GEMM for many experts over tokens sorted by expert: F.grouped_mm, or its older private name
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -44,7 +43,7 @@ class GPTConfig:
     expert_hidden: int = 256      # D: hidden width of one expert (and of the dense FFN)
     n_shared: int = 0             # moe: always-on shared experts of width D (§2)
     d_low: int | None = None      # aoe: rank of the factorised gate; None -> n_embd // 3 (§2)
-    n_routing: int | None = None  # uoe: routing neurons per expert; None -> D // n (§3)
+    n_routing: int | None = None  # uoe: routing neurons per expert; None -> D // E, at most D - 1 (§3)
     uoe_output: str = "once"      # uoe: "once" | "twice" (§3 switches)
     vse: bool = True              # uoe: add the virtual shared expert (§3)
     route_score: str = "silu"     # uoe: "silu" | "pre" | "swiglu" (§3 switches)
@@ -57,7 +56,8 @@ class GPTConfig:
         if self.d_low is None:
             self.d_low = max(1, self.n_embd // 3)
         if self.n_routing is None:
-            self.n_routing = max(1, self.expert_hidden // self.n_expert)
+            # D // E; at most D - 1, so that a lone expert (E = 1) keeps a unit besides its routing neurons
+            self.n_routing = max(1, min(self.expert_hidden // self.n_expert, self.expert_hidden - 1))
         validate_config(self)     # a bad value raises one ValueError that names the field
 
 
@@ -75,10 +75,60 @@ class SwiGLUWeights(NamedTuple):
 
 
 # -----------------------------------------------------------------------------
+# What every FFN variant (--ffn) is. A variant is one class: it says here what it reads, how it starts and
+# what it costs, and FFN_VARIANTS (after the layers) names it. Nothing else in the project lists variants.
+
+# the GPTConfig fields every variant reads; each class's `options` names the ones only it reads
+COMMON_OPTIONS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "ffn",
+                  "expert_hidden", "expert_path")
+ROUTED_OPTIONS = ("n_expert", "top_k", "aux_loss_coef")     # read by every routed variant
+
+
+class FFN(nn.Module):
+    """The base of every FFN variant: x (B, T, C) -> y (B, T, C). A variant sets
+      routed   whether it routes tokens to experts (GPT then adds its aux_loss and summarises last_routing);
+      options  the GPTConfig fields it reads beyond COMMON_OPTIONS (train.py refuses the others when set);
+      init     how GPT.reset_parameters starts each of its parameters, by name: "normal" N(0, 0.02),
+               "residual" N(0, 0.02 / sqrt(2 n_layer)) for weights that write into the residual stream,
+               "fan_in" N(0, 1 / sqrt(shape[1])); a parameter missing here is an error, never a default;
+    and defines accounting(config) (§5) and label(config); a routed variant also parts(x), for bench.py."""
+    routed = False
+    options = ()
+    init = {}
+
+    @staticmethod
+    def accounting(config):
+        """Per layer: total FFN params ("params"), active params per token ("active"), and the per-token
+        multiply-adds of the three kinds of FFN work: "scoring" (router / C_i / routing neurons), "shared"
+        (dense FFN, shared experts, VSE) and "experts" (the chosen experts' own units)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def label(config):
+        """The variant and the settings that distinguish it, e.g. 'uoe E8 K2 D256 R32' (figure legends)."""
+        raise NotImplementedError
+
+    def parts(self, x):
+        """For bench.py (routed variants): the layer's work after scoring, each part a callable on inputs of
+        its own (leaves, so backward stops there): "experts", the chosen experts on the choice this layer
+        makes for x (N, C); "shared", its always-on part where it has one. Call under the autocast to time."""
+        raise NotImplementedError
+
+    def choice_for_timing(self, x):
+        """parts' inputs: the layer's own choice for x (N, C), and gates of its shape that are leaves (their
+        values do not change the work)."""
+        with torch.no_grad():
+            self(x.detach().unsqueeze(0))
+        topk_idx = self.last_routing["topk_idx"]                                          # (N, K)
+        gates = torch.full(topk_idx.shape, 1 / self.config.top_k, device=x.device, requires_grad=True)
+        return topk_idx, gates
+
+
+# -----------------------------------------------------------------------------
 # Union-of-Experts (§3). Each expert i is a SwiGLU FFN of width D whose first N_s hidden units are
 # its routing neurons; split it into those units' output R_i(x) and the rest's, Q_i(x).
 
-class UoEFFN(nn.Module):
+class UoEFFN(FFN):
     """§3 Union-of-Experts: x (B, T, C) -> y (B, T, C).
 
     Which experts a token visits: every expert's routing neurons run on every token (one matmul for
@@ -92,6 +142,8 @@ class UoEFFN(nn.Module):
     route_score, route_norm. uoe_one_token below is this layer for one token, written plainly.
     Leaves aux_loss (§4) and last_routing (detached tensors for statistics, §6) on itself."""
     routed = True             # GPT adds up the aux_loss of routed layers and summarises their last_routing
+    options = ROUTED_OPTIONS + ("n_routing", "uoe_output", "vse", "route_score", "route_norm")
+    init = dict(w_gate="normal", w_up="normal", w_down="residual")   # as one GPT-2 FFN per expert
 
     def __init__(self, config):
         super().__init__()
@@ -211,6 +263,48 @@ class UoEFFN(nn.Module):
         if r_from == "h":
             return UoEExpertWeights(*q, routing_down=self.w_down[:, :Ns])
         return UoEExpertWeightsFromA(*q, routing_up=self.w_up[:, :, :Ns], routing_down=self.w_down[:, :Ns])
+
+    @staticmethod
+    def accounting(config):
+        """§5. Each active weight is one multiply-add per token, except with uoe_output="twice" and the VSE,
+        whose chosen experts reuse their routing hidden units but project them through W_o again
+        (K*N_s*C more multiply-adds, no more active weights)."""
+        C, E, K, D, Ns = config.n_embd, config.n_expert, config.top_k, config.expert_hidden, config.n_routing
+        swiglu_score = config.route_score == "swiglu"
+        scoring = E * C * Ns * (2 if swiglu_score else 1)                  # x W_g (and x W_p) of routing neurons
+        shared = 0
+        if config.vse:                                                     # VSE's x W_p (unless scoring ran it), W_o
+            shared = (0 if swiglu_score else E * C * Ns) + E * Ns * C
+        experts = K * 3 * C * (D - Ns)                                     # Q_i of the chosen
+        reused = 0
+        if config.uoe_output == "twice" or not config.vse:                 # + R_i of the chosen: its W_o,
+            h_for_all = config.vse or swiglu_score                         # and x W_p unless h was computed for all
+            experts += K * Ns * C + (0 if h_for_all else K * C * Ns)
+            reused = K * Ns * C if config.vse else 0                       # W_o rows the VSE counted already
+        return dict(params=3 * E * C * D, active=scoring + shared + experts - reused,
+                    scoring=scoring, shared=shared, experts=experts)
+
+    @staticmethod
+    def label(config):
+        s = f"uoe E{config.n_expert} K{config.top_k} D{config.expert_hidden} R{config.n_routing}"
+        s += "" if config.vse else " noVSE"
+        s += " twice" if config.uoe_output == "twice" else ""
+        return s + ("" if config.route_score == "silu" else f" {config.route_score}")
+
+    def parts(self, x):
+        """"experts": the chosen experts (Q_i, or R_i + Q_i) on the layer's own choice, from the routing
+        tensors forward would hand them; "shared": the VSE beyond scoring (h_i = a_i * x W_p^i, their W_o)."""
+        topk_idx, gates = self.choice_for_timing(x)
+        with torch.no_grad():
+            _, a = self.routing_activations(x)                               # (N, E, N_s), float32
+            h = self.routing_hidden(x, a) if self.h_for_all() else None
+        dtype = compute_dtype(x)                                             # as run_choice casts them
+        a_c, h_c = (None if t is None else t.detach().to(dtype).requires_grad_() for t in (a, h))
+        parts = {"experts": lambda: self.chosen_experts(x, topk_idx, gates, a_c, h_c)}
+        if self.config.vse:
+            a = a.detach().requires_grad_()
+            parts["shared"] = lambda: self.virtual_shared_expert(self.routing_hidden(x, a))
+        return parts
 
 
 class UoEExpertWeights(NamedTuple):
@@ -371,9 +465,9 @@ def dispatch_loop(x, topk_idx, expert_fn, weights, reused=None):
 # The baselines (§2): DenseFFN, MoEFFN, AoEFFN. Each takes x (B, T, C) and returns y (B, T, C); the
 # routed ones (`routed = True`) also leave `aux_loss` (§4) and `last_routing` (detached tensors, §6) on themselves.
 
-class DenseFFN(nn.Module):
+class DenseFFN(FFN):
     """§2 dense: one SwiGLU FFN of width D."""
-    routed = False
+    init = dict(w_gate="normal", w_up="normal", w_down="residual")
 
     def __init__(self, config):
         super().__init__()
@@ -385,11 +479,27 @@ class DenseFFN(nn.Module):
     def forward(self, x):
         return swiglu(x, self.w_gate, self.w_up, self.w_down)
 
+    @staticmethod
+    def accounting(config):
+        C, D = config.n_embd, config.expert_hidden
+        return dict(params=3 * C * D, active=3 * C * D, scoring=0, shared=3 * C * D, experts=0)
 
-class MoEFFN(nn.Module):
+    @staticmethod
+    def label(config):
+        return f"dense D{config.expert_hidden}"
+
+    def parts(self, x):
+        """All of a dense FFN is always-on."""
+        return {"shared": lambda: self(x)}
+
+
+class MoEFFN(FFN):
     """§2 moe: router W_r, p = softmax(x W_r), top-K, gates p[I] / sum p[I] (Mixtral), plus
     n_shared always-on shared experts (DeepSeekMoE), stored as one SwiGLU of width n_shared*D."""
     routed = True
+    options = ROUTED_OPTIONS + ("n_shared", "z_loss_coef")
+    init = dict(router="normal", w_gate="normal", w_up="normal", w_down="residual",
+                shared_gate="normal", shared_up="normal", shared_down="residual")
 
     def __init__(self, config):
         super().__init__()
@@ -435,6 +545,26 @@ class MoEFFN(nn.Module):
         """The n_shared always-on experts, unweighted, (N, C); only when n_shared > 0."""
         return swiglu(x, self.shared_gate, self.shared_up, self.shared_down)
 
+    @staticmethod
+    def accounting(config):
+        C, E, K, D, S = config.n_embd, config.n_expert, config.top_k, config.expert_hidden, config.n_shared
+        scoring, shared, experts = C * E, 3 * S * C * D, 3 * K * C * D
+        return dict(params=C * E + 3 * E * C * D + 3 * S * C * D, active=scoring + shared + experts,
+                    scoring=scoring, shared=shared, experts=experts)
+
+    @staticmethod
+    def label(config):
+        s = f"moe E{config.n_expert} K{config.top_k} D{config.expert_hidden}"
+        return s + (f" S{config.n_shared}" if config.n_shared else "")
+
+    def parts(self, x):
+        """"experts": the chosen experts on the router's choice; "shared": the shared experts, if any."""
+        topk_idx, gates = self.choice_for_timing(x)
+        parts = {"experts": lambda: self.chosen_experts(x, topk_idx, gates)}
+        if self.config.n_shared:
+            parts["shared"] = lambda: self.shared_experts(x)
+        return parts
+
 
 class AoEWeights(NamedTuple):
     """What a chosen AoE expert computes with, stacked over experts (C_i = x A_i comes in computed)."""
@@ -448,11 +578,14 @@ def aoe_expert(x, w, c, mm):
     return mm(F.silu(mm(c, w.gate_b)) * mm(x, w.up), w.down)
 
 
-class AoEFFN(nn.Module):
+class AoEFFN(FFN):
     """§2 aoe: no router. W_g^i = A_i B_i is factorised (w_gate_a, w_gate_b); one matmul gives
     C_i = x A_i for all experts, the score is ||C_i||, gates softmax over the top K, and the
     chosen experts reuse C_i."""
     routed = True
+    options = ROUTED_OPTIONS + ("d_low", "route_norm")
+    # B_i at 1/sqrt(d_low): x A_i B_i then starts as wide as a full-rank x W_g at 0.02 (§2)
+    init = dict(w_gate_a="normal", w_gate_b="fan_in", w_up="normal", w_down="residual")
 
     def __init__(self, config):
         super().__init__()
@@ -482,8 +615,48 @@ class AoEFFN(nn.Module):
         weights = AoEWeights(self.w_gate_b, self.w_up, self.w_down)
         return gated_experts(self.config, x, topk_idx, gates, aoe_expert, weights, reused=c)
 
+    @staticmethod
+    def accounting(config):
+        C, E, K, D, L = config.n_embd, config.n_expert, config.top_k, config.expert_hidden, config.d_low
+        scoring, experts = E * C * L, K * (L * D + 2 * C * D)
+        return dict(params=E * C * L + E * L * D + 2 * E * C * D, active=scoring + experts,
+                    scoring=scoring, shared=0, experts=experts)
 
-FFN_CLASSES = {"dense": DenseFFN, "moe": MoEFFN, "aoe": AoEFFN, "uoe": UoEFFN}
+    @staticmethod
+    def label(config):
+        return f"aoe E{config.n_expert} K{config.top_k} D{config.expert_hidden} L{config.d_low}"
+
+    def parts(self, x):
+        """"experts": the chosen experts on the layer's choice, from C_i of the right shape (any values)."""
+        topk_idx, gates = self.choice_for_timing(x)
+        c = torch.randn(x.shape[0], self.config.n_expert, self.config.d_low, device=x.device,
+                        dtype=compute_dtype(x), requires_grad=True)                  # (N, E, d_low)
+        return {"experts": lambda: self.chosen_experts(x, topk_idx, gates, c)}
+
+
+# The registry: --ffn=<name> -> its class. Adding a variant is its class above and one entry here.
+FFN_VARIANTS = {"dense": DenseFFN, "moe": MoEFFN, "aoe": AoEFFN, "uoe": UoEFFN}
+
+
+def ffn_class(name):
+    """The FFN class registered as `name`; ValueError for any other name (never a fallback)."""
+    if name not in FFN_VARIANTS:
+        raise ValueError(f"unknown ffn {name!r}: the registered variants are {', '.join(FFN_VARIANTS)}")
+    return FFN_VARIANTS[name]
+
+
+def ffn_label(config):
+    """'uoe E8 K2 D256 R32': config's variant and the settings that distinguish it."""
+    return ffn_class(config.ffn).label(config)
+
+
+def unread_options(config, given):
+    """The options in `given` (name -> value, set explicitly by a user) that config's variant does not read
+    and that differ from what config would have without them: set, they would change nothing, silently."""
+    reads = COMMON_OPTIONS + ffn_class(config.ffn).options
+    plain = GPTConfig(**{f: getattr(config, f) for f in reads})       # the unread fields at their defaults
+    return [k for k, v in given.items()
+            if hasattr(plain, k) and k not in reads and v != getattr(plain, k)]
 
 
 # -----------------------------------------------------------------------------
@@ -516,7 +689,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = FFN_CLASSES[config.ffn](config)
+        self.mlp = ffn_class(config.ffn)(config)
         self.mlp_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -543,26 +716,27 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """GPT-2 init, decided for each parameter by its NAME and number of dimensions, overwriting
-        whatever the modules' __init__ put there:
-          1-D: "*weight" -> 1 (LayerNorm scales), else 0 (biases);
-          names ending in c_proj.weight, w_down, shared_down (they write into the residual stream)
-            -> N(0, 0.02 / sqrt(2 * n_layer));
-          w_gate_b (AoE's B_i) -> N(0, 1/sqrt(d_low)), so that the gate x A_i B_i starts with the
-            spread of a full-rank x W_g (with both factors at 0.02 it would start ~sqrt(d_low)/50 as wide, §2);
-          everything else, 0-D included -> N(0, 0.02).
-        A new parameter (say a learned VSE scale) takes the first rule its name matches: give it its
-        own branch here if that is not the init it needs (a scale that starts at 1 needs one)."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        """GPT-2 init, overwriting whatever the modules' __init__ put there, in the order of
+        named_parameters (the order the RNG is drawn in). An FFN's parameters start as its class's `init`
+        table says (next to the layer; a parameter missing there is an error). The rest: LayerNorm scales
+        1 and biases 0; c_proj.weight (writes into the residual stream) N(0, 0.02 / sqrt(2 * n_layer));
+        every other matrix and the embeddings N(0, 0.02)."""
+        std = {"normal": lambda p: 0.02, "residual": lambda p: 0.02 / math.sqrt(2 * self.config.n_layer),
+               "fan_in": lambda p: 1 / math.sqrt(p.shape[1])}
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                (torch.nn.init.ones_ if name.endswith("weight") else torch.nn.init.zeros_)(p)
-            elif name.endswith(("c_proj.weight", "w_down", "shared_down")):
-                torch.nn.init.normal_(p, std=residual_std)
-            elif name.endswith("w_gate_b"):                  # (E, d_low, D)
-                torch.nn.init.normal_(p, std=1 / math.sqrt(p.shape[1]))
+            owner_name, _, short = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            if isinstance(owner, FFN):
+                if short not in owner.init:
+                    raise ValueError(f"{type(owner).__name__}.{short} has no entry in {type(owner).__name__}.init: "
+                                     "say there how it starts")
+                rule = owner.init[short]
+            elif p.dim() == 1:
+                (torch.nn.init.ones_ if short == "weight" else torch.nn.init.zeros_)(p)
+                continue
             else:
-                torch.nn.init.normal_(p, std=0.02)
+                rule = "residual" if name.endswith("c_proj.weight") else "normal"
+            torch.nn.init.normal_(p, std=std[rule](p))
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
@@ -648,7 +822,7 @@ def resolve_expert_path(config, device, dtype):
     the host on every call (a sync per matmul); under torch.compile grouped_mm needs bfloat16 (its
     tracing rule has no other dtype)."""
     device = torch.device(device)
-    if config.expert_path == "loop" or config.ffn == "dense":   # dense: no routed layer to group
+    if config.expert_path == "loop" or not ffn_class(config.ffn).routed:   # no routed layer to group
         return "loop"
     align = 16 // dtype.itemsize
     misaligned = {k: v for k, v in expert_widths(config).items() if v % align}
@@ -710,32 +884,9 @@ def dispatch_grouped(x, topk_idx, expert_fn, weights, reused=None):
 # attention over the full block_size as nanoGPT's estimate does.
 
 def ffn_breakdown(config):
-    """Per layer: total FFN params, and the per-token multiply-adds of the three kinds of
-    FFN work: scoring (router / C / routing neurons), shared (dense FFN, shared experts, VSE)
-    and experts (the chosen experts' own units). Each active weight is one multiply-add per
-    token, except UoE 'twice' with the VSE, whose chosen experts reuse their routing hidden
-    units but project them through W_o again (K*N_s*C more)."""
-    C, E, K, D = config.n_embd, config.n_expert, config.top_k, config.expert_hidden
-    if config.ffn == "dense":
-        return dict(params=3 * C * D, scoring=0, shared=3 * C * D, experts=0)
-    if config.ffn == "moe":
-        S = config.n_shared
-        return dict(params=C * E + 3 * E * C * D + 3 * S * C * D,
-                    scoring=C * E, shared=3 * S * C * D, experts=3 * K * C * D)
-    if config.ffn == "aoe":
-        L = config.d_low
-        return dict(params=E * C * L + E * L * D + 2 * E * C * D,
-                    scoring=E * C * L, shared=0, experts=K * (L * D + 2 * C * D))
-    Ns, swiglu_score = config.n_routing, config.route_score == "swiglu"
-    scoring = E * C * Ns * (2 if swiglu_score else 1)                  # x W_g (and x W_p) of routing neurons
-    shared = 0
-    if config.vse:                                                     # VSE's x W_p (unless scoring ran it), W_o
-        shared = (0 if swiglu_score else E * C * Ns) + E * Ns * C
-    experts = K * 3 * C * (D - Ns)                                     # Q_i of the chosen
-    if config.uoe_output == "twice" or not config.vse:                 # + R_i of the chosen: its W_o,
-        h_for_all = config.vse or swiglu_score                         # and x W_p unless h was computed for all
-        experts += K * Ns * C + (0 if h_for_all else K * C * Ns)
-    return dict(params=3 * E * C * D, scoring=scoring, shared=shared, experts=experts)
+    """Per layer: the FFN's params, active params and per-token multiply-adds by kind, as its class
+    accounts them (FFN.accounting)."""
+    return ffn_class(config.ffn).accounting(config)
 
 
 def param_counts(config):
@@ -745,11 +896,8 @@ def param_counts(config):
     ln = C * (2 if config.bias else 1)
     attn = 4 * C * C + (4 * C if config.bias else 0)
     f = ffn_breakdown(config)
-    active_ffn = f["scoring"] + f["shared"] + f["experts"]
-    if config.ffn == "uoe" and config.vse and config.uoe_output == "twice":
-        active_ffn -= config.top_k * config.n_routing * C   # reused W_o rows, already counted in the VSE
     base = V * C + config.block_size * C + L * (attn + 2 * ln) + ln
-    return base + L * f["params"], base + L * active_ffn
+    return base + L * f["params"], base + L * f["active"]
 
 
 def flops_breakdown(config):
@@ -810,6 +958,8 @@ def validate_config(config):
     if not isinstance(config.top_k, int) or not 1 <= config.top_k <= config.n_expert:
         bad("top_k", f"it must be an integer in 1..n_expert={config.n_expert}")
     # a variant's own widths only: dense with expert_hidden=1 is fine, though no uoe could have that D
+    if config.ffn == "uoe" and config.expert_hidden < 2:
+        bad("expert_hidden", "uoe needs at least 2 (a routing neuron and a unit besides it)")
     if config.ffn == "uoe" and (not isinstance(config.n_routing, int)
                                 or not 1 <= config.n_routing <= config.expert_hidden - 1):
         bad("n_routing", f"it must be an integer in 1..expert_hidden-1={config.expert_hidden - 1}")
@@ -917,12 +1067,20 @@ def report(configs):
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
+def main():
+    uoe_default = GPTConfig(ffn="uoe")            # every table is matched to the default UoE
     defaults = [(f, GPTConfig(ffn=f)) for f in FFN_VARIANTS]
-    uoe_default = defaults[-1][1]
     print("Default GPTConfig of each variant (FFN columns: forward MFLOPs/token, all layers):\n")
     print(report(defaults))
     print("\nD chosen by match_config to match UoE's active FLOPs per token:\n")
     print(report([(f, match_config(c, uoe_default, "flops")) for f, c in defaults]))
     print("\nD chosen by match_config to match UoE's total parameters:\n")
-    print(report([(f, match_config(c, uoe_default, "params")) for f, c in defaults]))
+    print(report([(f, match_config(c, uoe_default, "params")) for f, c in defaults]), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BrokenPipeError:                # `python uoe.py | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)   # no second error when Python flushes stdout at exit
+        raise SystemExit(141) from None

@@ -1,7 +1,10 @@
 """Tests for uoe.py: one test per claim of METHOD.md, named after it."""
 
+import copy
 import os
 import pickle
+import subprocess
+import sys
 from dataclasses import asdict, replace
 
 import pytest
@@ -342,7 +345,9 @@ def test_routed_layers_say_so_and_start_without_routing(ffn):
 
 # ---- accounting (§5) --------------------------------------------------------------------------
 
-ACCOUNTING = [dict(VARIANTS[k]) for k in VARIANTS] + [dict(ffn="uoe", bias=True), dict(ffn="moe", n_shared=2)]
+# every registered variant at its defaults (a new variant is checked without being named here), every switch
+ACCOUNTING = ([dict(ffn=f) for f in uoe.FFN_VARIANTS] + [dict(VARIANTS[k]) for k in VARIANTS]
+              + [dict(ffn="uoe", bias=True), dict(ffn="moe", n_shared=2)])
 
 
 @pytest.mark.parametrize("kw", ACCOUNTING, ids=str)
@@ -437,13 +442,21 @@ def test_match_config_multiple_of_picks_the_closest_multiple(ffn):
 
 @pytest.mark.parametrize("ffn", ["dense", "moe", "uoe"])
 def test_compile_matches_eager(ffn):
+    """The compiled model's loss AND every parameter's gradient equal eager's: inductor has dropped a
+    gradient here before (a dense loss ce + 0 * zeros lost ce's), which a check of the loss alone misses."""
     torch.manual_seed(0)
     model = GPT(cfg(ffn=ffn, n_layer=1))
+    twin = copy.deepcopy(model)
     idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
     _, eager = model(idx, idx)
-    _, compiled = torch.compile(model)(idx, idx)
+    eager.backward()
+    _, compiled = torch.compile(twin)(idx, idx)
+    compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-    assert compiled.requires_grad   # the compiled loss can be trained on
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name, p in twin.named_parameters():
+        assert p.grad is not None, f"compiled backward gave {name} no gradient"
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-6, msg=f"gradient of {name}")
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -473,6 +486,15 @@ def test_a_variant_is_not_checked_on_another_variants_options(ffn, kw):
     model = GPT(cfg(ffn=ffn, **kw))
     idx = torch.randint(0, SMALL["vocab_size"], (1, 8))
     assert torch.isfinite(model(idx, idx)[1])
+
+
+def test_a_lone_uoe_expert_builds_with_its_default_routing_neurons():
+    """n_expert=1: the default N_s = D // E would leave no unit besides the routing neurons; it is capped at
+    D - 1, so the user, who never set n_routing, is not told about it."""
+    c = GPTConfig(ffn="uoe", n_expert=1, top_k=1)
+    assert c.n_routing == c.expert_hidden - 1
+    with pytest.raises(ValueError, match="expert_hidden"):
+        GPTConfig(ffn="uoe", expert_hidden=1)
 
 
 def test_defaults_follow_method():
@@ -580,3 +602,71 @@ def test_generate_never_samples_past_vocab_limit():
     limited = model.generate(prompt, 30, temperature=50.0, vocab_limit=5)
     assert (limited[:, 3:] < 5).all()
     assert (model.generate(prompt, 10, top_k=3, vocab_limit=5)[:, 3:] < 5).all()
+
+
+# ---- the variant registry: one place per variant ------------------------------------------------
+
+def test_an_unregistered_variant_raises_everywhere_a_variant_is_looked_up():
+    """No lookup falls back to another variant's answer (the old accounting took any unknown name as uoe)."""
+    c = GPTConfig()
+    c.ffn = "switch"          # past GPTConfig's own check, as a config edited after construction would be
+    for lookup in (uoe.ffn_breakdown, uoe.param_counts, uoe.flops_per_token, uoe.ffn_label,
+                   lambda c: uoe.unread_options(c, {}), lambda c: uoe.resolve_expert_path(c, "cpu", torch.float32)):
+        with pytest.raises(ValueError, match="unknown ffn 'switch'"):
+            lookup(c)
+    with pytest.raises(ValueError, match="ffn"):
+        GPT(c)
+
+
+@pytest.mark.parametrize("ffn", uoe.FFN_VARIANTS)
+def test_every_registered_variant_is_a_complete_ffn(ffn):
+    """What each variant owns: its options are GPTConfig fields, its init names exactly its parameters, its
+    accounting has every key, its label starts with its name, and (routed) its parts run and backpropagate."""
+    cls = uoe.ffn_class(ffn)
+    fields = set(asdict(GPTConfig()))
+    assert set(cls.options) <= fields and set(uoe.COMMON_OPTIONS) <= fields
+    c = cfg(ffn=ffn, n_shared=1 if ffn == "moe" else 0)
+    layer = GPT(c).transformer.h[0].mlp
+    assert isinstance(layer, cls) and set(cls.init) >= {n for n, _ in layer.named_parameters()}
+    assert set(uoe.ffn_breakdown(c)) >= {"params", "active", "scoring", "shared", "experts"}
+    assert uoe.ffn_label(c).startswith(ffn)
+    x = torch.randn(6, c.n_embd, requires_grad=True)
+    parts = layer.parts(x)
+    assert set(parts) >= ({"experts"} if cls.routed else {"shared"})
+    for f in parts.values():
+        y = f()
+        assert y.shape == x.shape
+        y.square().sum().backward()
+
+
+def test_a_parameter_without_an_init_entry_is_an_error():
+    """A new parameter in a layer must say how it starts: reset_parameters refuses to guess."""
+    class ScaledUoE(uoe.UoEFFN):
+        def __init__(self, config):
+            super().__init__(config)
+            self.vse_scale = torch.nn.Parameter(torch.ones(()))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(uoe.FFN_VARIANTS, "uoe", ScaledUoE)
+        with pytest.raises(ValueError, match="vse_scale"):
+            GPT(cfg(ffn="uoe"))
+
+
+@pytest.mark.parametrize("ffn, given, unread", [
+    ("uoe", dict(n_shared=1), ["n_shared"]),
+    ("moe", dict(vse=False, uoe_output="twice", n_shared=1), ["vse", "uoe_output"]),
+    ("dense", dict(n_expert=4, top_k=1), ["n_expert", "top_k"]),
+    ("uoe", dict(n_shared=0, d_low=42, z_loss_coef=0.0), []),       # at their defaults: harmless
+    ("moe", dict(n_routing=32, route_norm=2), []),                   # n_routing's default D // E = 32
+    ("aoe", dict(route_norm=1, d_low=8, n_routing=16), ["n_routing"]),
+])
+def test_unread_options_are_those_set_away_from_their_default(ffn, given, unread):
+    c = GPTConfig(ffn=ffn, **{k: v for k, v in given.items() if k in uoe.COMMON_OPTIONS + uoe.ffn_class(ffn).options})
+    assert uoe.unread_options(c, given) == unread
+
+
+def test_the_table_into_a_closed_pipe_exits_quietly():
+    """`python uoe.py | head -1`: no BrokenPipeError traceback."""
+    r = subprocess.run(f"{sys.executable} uoe.py | head -c 1 >/dev/null", shell=True, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
