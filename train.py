@@ -11,14 +11,16 @@ out_dir gets run.json (all settings), metrics.jsonl (one JSON record per log and
 ckpt.pt, written atomically every ckpt_interval steps, at the end and on SIGINT/SIGTERM. A fresh
 run refuses to replace an existing ckpt.pt unless --overwrite=True. On resume the checkpoint's
 model and training settings apply; options given on the command line override training settings,
-and a model option that differs from the checkpoint's is an error. How to run (data_dir, out_dir, device,
-dtype, compile, expert_path, ...) is chosen anew by each command, never taken from the checkpoint; a model
-option that a checkpoint of an earlier version lacks takes its default, with a note.
+and a model option that differs from the checkpoint's is an error, as is data other than the corpus it was
+trained on (ckpt.pt holds the corpus's fingerprint) unless --allow_other_corpus=True. How to run (data_dir,
+out_dir, device, dtype, compile, expert_path, ...) is chosen anew by each command, never taken from the
+checkpoint; a model option that a checkpoint of an earlier version lacks takes its default, with a note.
 Devices: cuda (bfloat16, compiled by default), cpu (float32), mps (Apple silicon: float32, not compiled by
 default, experts on the loop path, one process; untested: no Apple machine here).
-Exit codes: 0 finished; 2 bad input or a non-finite loss (one `error: ...` line, no checkpoint
-written); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + signal number); 141 stdout's
-pipe closed (`| head`): stopped at once, as SIGPIPE would, with ckpt.pt as last saved.
+Exit codes: 0 finished; 2 bad input, a non-finite loss or a checkpoint that cannot be written (one `error: ...`
+line; ckpt.pt keeps the last checkpoint saved); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint
+(128 + signal number); 141 stdout's pipe closed (`| head`): stopped at once, as SIGPIPE would, with ckpt.pt as
+last saved.
 DDP: each process takes its share of the gradient_accumulation_steps micro-steps (a multiple of
 --nproc_per_node); on CUDA (nccl) every process needs its own GPU (nproc_per_node <= GPUs), on CPU
 (gloo, or --device=cpu) the processes share the cores. Under torchrun, signal torchrun: it passes
@@ -27,6 +29,7 @@ SIGTERM to every worker, they save and exit 143, and torchrun itself then exits 
 import ast
 import dataclasses
 import difflib
+import hashlib
 import inspect
 import json
 import math
@@ -66,6 +69,7 @@ class TrainConfig:
     out_dir: str = "out"                # where ckpt.pt, metrics.jsonl and run.json go
     init_from: str = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     overwrite: bool = False             # let a fresh run replace an existing out_dir/ckpt.pt
+    allow_other_corpus: bool = False    # on resume, continue on data other than the checkpoint's (same vocab)
     # optimisation
     max_iters: int = 1000               # optimizer steps
     batch_size: int = 16                # sequences per micro-step, per process
@@ -102,8 +106,8 @@ MODEL_HELP = {"vocab_size": "train.py takes it from the dataset's meta.json unle
                              "--compile=True needs bfloat16; mps runs 'loop' only"}
 # Options that describe this invocation, not the run: on resume they are not taken from the checkpoint.
 # expert_path is a GPTConfig field, but only says how the same model runs here, like device or dtype.
-PER_INVOCATION = {"data_dir", "out_dir", "init_from", "overwrite", "plot", "device", "dtype", "compile",
-                  "debug_nan_step", "expert_path"}
+PER_INVOCATION = {"data_dir", "out_dir", "init_from", "overwrite", "allow_other_corpus", "plot", "device", "dtype",
+                  "compile", "debug_nan_step", "expert_path"}
 TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
 
 
@@ -246,10 +250,16 @@ def split_options(values):
 def check_train_config(train, world):
     """Reject training settings that cannot work, before any work is done."""
     positive = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                "max_skips") + (("ckpt_interval",) if train.ckpt_interval is not None else ())
+                "max_skips") + tuple(name for name in ("ckpt_interval", "lr_decay_iters")
+                                     if getattr(train, name) is not None)   # None: their default
     rules = [(getattr(train, name) >= 1, f"--{name} must be >= 1") for name in positive] + [
         (train.max_iters >= 0, "--max_iters must be >= 0"),
         (train.warmup_iters >= 0, "--warmup_iters must be >= 0"),
+        (train.lr_decay_iters is None or train.lr_decay_iters >= train.warmup_iters,
+         f"--lr_decay_iters={train.lr_decay_iters} must be >= --warmup_iters={train.warmup_iters} (the decay "
+         "follows the warmup; None: decay until --max_iters)"),
+        # numpy's default_rng takes seeds >= 0, torch.manual_seed < 2**64, and each process seeds with seed + rank
+        (0 <= train.seed <= 2**64 - world, f"--seed must be in [0, {2**64 - world}]"),
         # the optimiser's own checks would end in a traceback, and a negative clip would flip every gradient
         (train.learning_rate > 0, "--learning_rate must be > 0"),
         (train.min_lr >= 0, "--min_lr must be >= 0"),
@@ -433,6 +443,42 @@ def open_dataset(train, master, ddp):
     return meta, splits
 
 
+def corpus_fingerprint(folder, meta):
+    """A sha256 that names the tokens in folder (train.bin and val.bin): stored in each checkpoint, so that a
+    resume on another corpus of the same vocabulary is noticed. data/prepare.py's meta.json records the
+    sha256 of the source text, which with the tokenizer, vocabulary and split sizes fixes both files: free to
+    check, whatever their size. A meta.json without it (a dataset made by hand): the files are hashed, once
+    per run."""
+    h = hashlib.sha256()
+    if "source_sha256" in meta:
+        keys = ("source_sha256", "tokenizer", "itos", "unk", "vocab_size", "dtype", "train_tokens", "val_tokens")
+        h.update(json.dumps({k: meta.get(k) for k in keys}, sort_keys=True).encode())
+        return h.hexdigest()
+    for split in ("train", "val"):
+        with open(folder / f"{split}.bin", "rb") as f:
+            h.update(f"{split}.bin {os.fstat(f.fileno()).st_size}\n".encode())
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_corpus(ckpt, corpus, train, folder, ckpt_path, master):
+    """On resume: the data must be the corpus the checkpoint was trained on, unless --allow_other_corpus."""
+    trained_on = ckpt["data"].get("corpus")
+    if trained_on is None:
+        if master:
+            print(f"note: {ckpt_path} was written by an earlier version without a corpus fingerprint: cannot "
+                  f"check that it was trained on {folder}; resuming", flush=True)
+    elif trained_on != corpus:
+        if not train.allow_other_corpus:
+            raise UserError(f"{folder} is not the corpus that {ckpt_path} was trained on (its fingerprint "
+                            "differs); resume on the same data (check --dataset and --data_dir), or continue on "
+                            "this one with --allow_other_corpus=True")
+        if master:
+            print(f"warning: {folder} is not the corpus that {ckpt_path} was trained on; continuing on it "
+                  "(--allow_other_corpus=True)", file=sys.stderr, flush=True)
+
+
 def prepare_dataset(name, data_dir):
     """data_dir/name prepared by data/prepare.py, unless it has a meta.json already."""
     if (Path(data_dir) / name / "meta.json").is_file():
@@ -479,7 +525,7 @@ def get_batch(data, starts, block_size, device):
     y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64))
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x, y
+    return x.to(device), y.to(device)   # mps; on the cpu, x and y themselves
 
 
 @torch.no_grad()
@@ -501,7 +547,7 @@ def estimate_loss(model, splits, eval_starts, block_size, device, ctx):
 
 def get_lr(step, train):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
-    decay_iters = train.lr_decay_iters or train.max_iters
+    decay_iters = train.max_iters if train.lr_decay_iters is None else train.lr_decay_iters
     if step < train.warmup_iters:
         return train.learning_rate * (step + 1) / (train.warmup_iters + 1)
     if step >= decay_iters:
@@ -621,8 +667,9 @@ def banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label):
 
 def check_run(values, explicit, procs, device):
     """Find everything wrong with the options, out_dir, the checkpoint to resume and the data before any
-    training. Returns (train, cfg, ckpt or None, meta, splits, values with the checkpoint's settings, the
-    expert path: see expert_path, precision's (compile?, bfloat16?, autocast context, dtype))."""
+    training. Returns (train, cfg, ckpt or None, (meta, corpus_fingerprint), splits, values with the
+    checkpoint's settings, the expert path: see expert_path, precision's (compile?, bfloat16?, autocast
+    context, dtype))."""
     master, ddp = procs.master, procs.ddp
     out_dir = Path(values["out_dir"])
     ckpt_path = out_dir / "ckpt.pt"
@@ -641,12 +688,16 @@ def check_run(values, explicit, procs, device):
     use_compile, _, _, dtype = prec
     path = expert_path(cfg, device, dtype, use_compile)   # likewise
     meta, splits = open_dataset(train, master, ddp)
-    cfg = fit_vocab(cfg, meta, explicit, ckpt, Path(train.data_dir) / train.dataset)
+    folder = Path(train.data_dir) / train.dataset
+    cfg = fit_vocab(cfg, meta, explicit, ckpt, folder)
+    corpus = corpus_fingerprint(folder, meta)
+    if ckpt is not None:
+        check_corpus(ckpt, corpus, train, folder, ckpt_path, master)
     for split, data in splits.items():
         if len(data) <= cfg.block_size:
             raise UserError(f"block_size {cfg.block_size} is longer than the {split} split ({len(data)} tokens); "
                             f"use --block_size={len(data) - 1} or less, or more data")
-    return train, cfg, ckpt, meta, splits, values, path, prec
+    return train, cfg, ckpt, (meta, corpus), splits, values, path, prec
 
 
 def build(cfg, train, ckpt, device, rank):
@@ -750,14 +801,36 @@ def describe_system(device, use_bf16, use_compile, procs):
         f"{f' x {procs.world} processes' if procs.ddp else ''}"
 
 
-def checkpoint(raw_model, optimizer, cfg, train, step, tokens, best_val, batch_rng, meta, device):
-    """Everything a resume needs, as a plain dict of tensors and python data (uoe.save_checkpoint)."""
+def checkpoint(raw_model, optimizer, cfg, train, step, tokens, best_val, batch_rng, meta, corpus, device):
+    """Everything a resume needs, as a plain dict of tensors and python data (uoe.save_checkpoint); corpus:
+    the data's corpus_fingerprint."""
     return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
             "step": step, "train_config": asdict(train), "best_val_loss": best_val, "version": 1,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "data": {"batch_rng": batch_rng.bit_generator.state, "tokens": tokens,
-                     "meta_vocab_size": meta["vocab_size"]}}
+                     "meta_vocab_size": meta["vocab_size"], "corpus": corpus}}
+
+
+def save_error(e, step, ckpt_path, last_ckpt_step):
+    """The UserError for a checkpoint save that failed with e, or None where e is not a failed write.
+    uoe.save_checkpoint writes a temporary file and renames it, so ckpt.pt still holds the last checkpoint
+    saved. A failed write (a full disk, a file-size limit) is an OSError, or torch's writer's RuntimeError
+    with the OSError as its cause or context."""
+    kept = (f"{ckpt_path} still holds step {last_ckpt_step}: resume from it with --init_from=resume"
+            if last_ckpt_step is not None else "no checkpoint was saved before: rerun")
+    if isinstance(e, CheckpointError):     # non-finite weights: never saved over the last good checkpoint
+        return UserError(f"{e}; {kept} with a lower --learning_rate")
+    reason, cause = None, e
+    while cause is not None and reason is None:
+        reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else None
+        cause = cause.__cause__ or cause.__context__
+    if reason is None and re.search("PytorchStreamWriter|inline_container", str(e)):
+        reason = str(e).splitlines()[0]     # torch's writer, where the OSError did not reach python
+    if reason is None:
+        return None
+    return UserError(f"cannot save the checkpoint of step {step} to {ckpt_path} ({reason}); {kept} once there "
+                     "is room (free disk space, or raise the file-size limit: ulimit -f)")
 
 
 def evaluate(model, splits, eval_starts, block_size, device, ctx, log, step, tokens, flops_token):
@@ -847,7 +920,7 @@ def main(argv):
     values, explicit = parse_args(argv)
     procs, device = start_process(values["device"])
     master = procs.master
-    train, cfg, ckpt, meta, splits, values, path, prec = check_run(values, explicit, procs, device)
+    train, cfg, ckpt, (meta, corpus), splits, values, path, prec = check_run(values, explicit, procs, device)
     out_dir, ckpt_path = Path(train.out_dir), Path(train.out_dir) / "ckpt.pt"
     raw_model, optimizer, batch_rng, (step, tokens, best_val) = build(cfg, train, ckpt, device, procs.rank)
     del ckpt                                    # free the memory of a second copy of the weights
@@ -866,8 +939,14 @@ def main(argv):
     log = partial(write_record, metrics)
 
     def save(step):
-        save_checkpoint(str(ckpt_path), checkpoint(raw_model, optimizer, cfg, train, step, tokens, best_val,
-                                                   batch_rng, meta, device))
+        try:
+            save_checkpoint(str(ckpt_path), checkpoint(raw_model, optimizer, cfg, train, step, tokens, best_val,
+                                                       batch_rng, meta, corpus, device))
+        except (OSError, RuntimeError, CheckpointError) as e:
+            error = save_error(e, step, ckpt_path, last_ckpt_step)
+            if error is None:
+                raise                           # not a failed write: a bug, whose traceback should show
+            raise error from None
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)

@@ -1,8 +1,10 @@
 """train.py under bad input, signals, kills and NaNs: clear one-line errors, exit codes, no lost checkpoints."""
 
+import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -14,8 +16,8 @@ import pytest
 import torch
 
 import train
-from conftest import ENV, REPO, TINY, losses, run_train, start_train, wait_for_step
-from uoe import load_checkpoint
+from conftest import ENV, REPO, TINY, TRAIN, losses, run_train, start_train, wait_for_step
+from uoe import CheckpointError, load_checkpoint
 
 TINY = TINY + ["--lr_decay_iters=40"]
 
@@ -68,6 +70,14 @@ class Workspace:
         if change:
             change(self.out / "ckpt.pt")
         return []
+
+    def other_corpus(self):
+        """--data_dir of another corpus with tiny's vocabulary: its text with the lines in reverse order."""
+        from data.prepare import prepare
+        text = self.root / "reversed.txt"
+        text.write_text("\n".join(reversed((self.data / "text.txt").read_text().splitlines())) + "\n")
+        prepare("tiny", input=text, tokenizer="char", out_dir=self.root / "other" / "tiny")
+        return [f"--data_dir={self.root / 'other'}"]
 
     def out_dir_under_a_file(self):
         (self.root / "file").write_text("x")
@@ -122,6 +132,11 @@ BAD_INPUTS = [
     ("negative_weight_decay", "--weight_decay must be >= 0", lambda ws: ["--weight_decay=-0.1"]),
     ("negative_grad_clip", "--grad_clip must be >= 0", lambda ws: ["--grad_clip=-1"]),
     ("negative_warmup_iters", "--warmup_iters must be >= 0", lambda ws: ["--warmup_iters=-1"]),
+    ("zero_lr_decay_iters", "--lr_decay_iters must be >= 1", lambda ws: ["--lr_decay_iters=0"]),   # not max_iters
+    ("lr_decay_iters_below_warmup", "--lr_decay_iters=3 must be >= --warmup_iters=5",
+     lambda ws: ["--lr_decay_iters=3"]),
+    ("negative_seed", "--seed must be in [0, ", lambda ws: ["--seed=-1"]),          # numpy's seeds are >= 0
+    ("seed_of_2_to_the_64", "--seed must be in [0, ", lambda ws: [f"--seed={2**64}"]),   # torch's are < 2**64
     ("cuda_without_cuda", "CUDA is not available", lambda ws: ["--device=cuda"]),
     ("mps_without_mps", "--device=mps but MPS", lambda ws: ["--device=mps"]),
     ("grouped_compiled_float32", "--expert_path=grouped with --compile=True needs bfloat16",
@@ -135,6 +150,8 @@ BAD_INPUTS = [
     ("resume_other_model", "--n_embd=64 but", lambda ws: ws.with_ckpt() + ["--init_from=resume", "--n_embd=64"]),
     ("resume_other_vocab", "vocab_size",
      lambda ws: ws.with_ckpt() + ["--init_from=resume", *ws.data_copy(lambda d: set_meta(d, vocab_size=50))]),
+    ("resume_other_corpus", "is not the corpus that",
+     lambda ws: ws.with_ckpt() + ["--init_from=resume", *ws.other_corpus()]),
     ("resume_code_pickle", "refusing to load", lambda ws: ws.with_ckpt(code_pickle) + ["--init_from=resume"]),
     ("resume_without_rng_state", "not a train.py checkpoint (no 'data.batch_rng')",
      lambda ws: ws.with_ckpt(edit_ckpt(lambda c: c["data"].pop("batch_rng"))) + ["--init_from=resume"]),
@@ -211,7 +228,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_no_checkpoint(bad_input_res
 # Resuming: checkpoints of earlier versions, and options that are per run (expert_path)
 
 def train_here(capsys, *args):
-    """train.py's main(args) in this process (no interpreter start): (exit code, stdout). A UserError
+    """train.py's main(args) in this process (no interpreter start): (exit code, stdout, stderr). A UserError
     propagates."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -219,34 +236,75 @@ def train_here(capsys, *args):
     finally:
         for s, handler in handlers.items():     # main installs its own
             signal.signal(s, handler)
-    return code, capsys.readouterr().out
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def test_checkpoint_of_an_earlier_version_resumes_with_the_defaults_of_its_missing_fields(data, trained,
                                                                                          tmp_path, capsys):
     out = tmp_path / "out"
     Workspace(tmp_path, data, trained).with_ckpt(edit_ckpt(
-        lambda c: [c["config"].pop(k) for k in ("expert_path", "z_loss_coef")]))   # as before those existed
-    code, stdout = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=3")
+        lambda c: [c["config"].pop(k) for k in ("expert_path", "z_loss_coef")] + [c["data"].pop("corpus")]))
+    code, stdout, _ = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
+                                 "--max_iters=3")
     assert code == 0
     notes = [line for line in stdout.splitlines() if line.startswith("note: ")]
     assert notes == [f"note: {out / 'ckpt.pt'} was written by an earlier version without z_loss_coef: "
-                     "resuming with the default z_loss_coef=0.0"]     # expert_path is per run: nothing to note
+                     "resuming with the default z_loss_coef=0.0",     # expert_path is per run: nothing to note
+                     f"note: {out / 'ckpt.pt'} was written by an earlier version without a corpus fingerprint: "
+                     f"cannot check that it was trained on {data / 'tiny'}; resuming"]
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 3 and (ckpt["config"]["z_loss_coef"], ckpt["config"]["expert_path"]) == (0.0, "auto")
+    assert ckpt["data"]["corpus"] == load_checkpoint(trained / "ckpt.pt")["data"]["corpus"]   # from now on: checked
+
+
+def test_resume_on_another_corpus_when_allowed_warns_in_one_line(data, trained, tmp_path, capsys):
+    ws = Workspace(tmp_path, data, trained)
+    ws.with_ckpt()
+    other = ws.other_corpus()
+    capsys.readouterr()
+    code, _, stderr = train_here(capsys, *other, f"--out_dir={ws.out}", "--init_from=resume", "--max_iters=3",
+                                 "--allow_other_corpus=True")
+    assert code == 0
+    assert stderr == (f"warning: {tmp_path / 'other' / 'tiny'} is not the corpus that {ws.out / 'ckpt.pt'} was "
+                      "trained on; continuing on it (--allow_other_corpus=True)\n")
+    corpus = load_checkpoint(ws.out / "ckpt.pt")["data"]["corpus"]
+    assert corpus != load_checkpoint(trained / "ckpt.pt")["data"]["corpus"]   # the checkpoint names the new one
+    code, _, stderr = train_here(capsys, *other, f"--out_dir={ws.out}", "--init_from=resume", "--max_iters=4")
+    assert code == 0 and stderr == ""          # and resumes on it without the option
+
+
+def test_corpus_fingerprint_names_the_tokens(data, tmp_path):
+    """From meta.json's sha256 of the source text where data/prepare.py recorded it (free, whatever the size),
+    else from train.bin and val.bin themselves."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(data / "tiny", folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    fp = train.corpus_fingerprint
+    assert fp(folder, meta) == fp(data / "tiny", meta)                      # the same data, wherever it lies
+    assert fp(folder, {**meta, "source": "elsewhere", "name": "x"}) == fp(folder, meta)
+    for other in ({"source_sha256": "0" * 64}, {"val_tokens": 1}, {"tokenizer": "gpt2"}):
+        assert fp(folder, {**meta, **other}) != fp(folder, meta), other
+    by_hand = {k: v for k, v in meta.items() if k != "source_sha256"}      # a meta.json written by hand
+    before = fp(folder, by_hand)
+    assert fp(folder, {**by_hand, "val_tokens": 1}) == before               # the files themselves count
+    val = (folder / "val.bin").read_bytes()
+    (folder / "val.bin").write_bytes(val[2:] + val[:2])                     # the same tokens, in another order
+    assert fp(folder, by_hand) != before
 
 
 def test_expert_path_is_chosen_per_run_not_taken_from_the_checkpoint(data, trained, tmp_path, capsys):
     out = tmp_path / "out"
     Workspace(tmp_path, data, trained).with_ckpt(edit_ckpt(lambda c: c["config"].update(expert_path="grouped")))
-    code, stdout = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
+    code, stdout, _ = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
                               "--max_iters=3", "--expert_path=loop")
     assert code == 0 and "(experts: loop)" in stdout.splitlines()[0] and "resuming at step 2" in stdout
     assert load_checkpoint(out / "ckpt.pt")["config"]["expert_path"] == "loop"
-    code, stdout = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
+    code, stdout, _ = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
                               "--max_iters=4", "--expert_path=grouped")
     assert code == 0 and "(experts: grouped GEMM)" in stdout.splitlines()[0]
-    code, stdout = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=5")
+    code, stdout, _ = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
+                                 "--max_iters=5")
     assert code == 0 and "(experts: loop)" in stdout.splitlines()[0]   # not given: 'auto' (loop on CPU)
 
 
@@ -336,3 +394,68 @@ def test_nonfinite_skip_skips_the_update_and_continues(data, tmp_path):
     steps = losses(out, cut_ok=True)
     assert steps[4] is None and all(steps[s] is not None for s in (1, 2, 3, 5, 6, 7, 8))
     assert assert_loadable_and_finite(out / "ckpt.pt")["step"] == 8
+
+
+# -----------------------------------------------------------------------------
+# A checkpoint that cannot be written: one line, exit 2, the previous checkpoint kept
+
+def no_room(ckpt):
+    return (f"{ckpt} still holds step 2: resume from it with --init_from=resume once there is room (free disk "
+            "space, or raise the file-size limit: ulimit -f)")
+
+
+def test_a_file_size_limit_at_a_save_is_one_line_exit_2_keeping_the_previous_checkpoint(data, trained, tmp_path):
+    """(ulimit -f N; python train.py ...): python ignores SIGXFSZ, so the save's write fails with EFBIG, which
+    torch's writer turns into a RuntimeError."""
+    ws = Workspace(tmp_path, data, trained)
+    ws.with_ckpt()
+    ckpt = ws.out / "ckpt.pt"
+    before, limit = sha(ckpt), ckpt.stat().st_size // 2    # run.json and metrics.jsonl stay far below it
+    p = subprocess.run([*TRAIN, f"--data_dir={data}", f"--out_dir={ws.out}", "--init_from=resume", "--max_iters=4",
+                        "--plot=False"], capture_output=True, text=True, timeout=300,
+                       env={**ENV, "PYTHONDONTWRITEBYTECODE": "1"},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == f"error: cannot save the checkpoint of step 4 to {ckpt} (File too large); {no_room(ckpt)}\n"
+    assert sha(ckpt) == before and not list(ws.out.glob(".*.tmp"))
+
+
+WRITER_FAILED = "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/3: " \
+                "file write failed"
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (RuntimeError(WRITER_FAILED), WRITER_FAILED),
+    (RuntimeError("a bug"), None)])
+def test_a_failed_save_is_one_user_error_keeping_the_previous_checkpoint(data, trained, tmp_path, capsys,
+                                                                         monkeypatch, error, reason):
+    ws = Workspace(tmp_path, data, trained)
+    ws.with_ckpt()
+    ckpt = ws.out / "ckpt.pt"
+    before = sha(ckpt)
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"the first bytes")
+        raise error
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(Exception) as e:
+        train_here(capsys, f"--data_dir={data}", f"--out_dir={ws.out}", "--init_from=resume", "--max_iters=4")
+    if reason is None:                   # not a failed write: a bug keeps its traceback
+        assert e.value is error
+    else:
+        assert type(e.value) is train.UserError
+        assert str(e.value) == f"cannot save the checkpoint of step 4 to {ckpt} ({reason}); {no_room(ckpt)}"
+    assert sha(ckpt) == before and not list(ws.out.glob(".*.tmp"))
+
+
+def test_a_save_error_says_what_is_kept():
+    ckpt = Path("out/ckpt.pt")
+    e = train.save_error(OSError(errno.ENOSPC, "No space left on device"), 5, ckpt, None)
+    assert str(e) == ("cannot save the checkpoint of step 5 to out/ckpt.pt (No space left on device); no checkpoint "
+                      "was saved before: rerun once there is room (free disk space, or raise the file-size limit: "
+                      "ulimit -f)")
+    e = train.save_error(CheckpointError("refusing to write out/ckpt.pt: non-finite weights in lm_head.weight"), 5,
+                         ckpt, 4)
+    assert str(e) == ("refusing to write out/ckpt.pt: non-finite weights in lm_head.weight; out/ckpt.pt still holds "
+                      "step 4: resume from it with --init_from=resume with a lower --learning_rate")
