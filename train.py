@@ -15,6 +15,7 @@ and a model option that differs from the checkpoint's is an error, as is data ot
 trained on (ckpt.pt holds the corpus's fingerprint) unless --allow_other_corpus=True. How to run (data_dir,
 out_dir, device, dtype, compile, expert_path, ...) is chosen anew by each command, never taken from the
 checkpoint; a model option that a checkpoint of an earlier version lacks takes its default, with a note.
+A model option set to anything but its default that the chosen --ffn does not read is an error, not ignored.
 Devices: cuda (bfloat16, compiled by default), cpu (float32), mps (Apple silicon: float32, not compiled by
 default, experts on the loop path, one process; untested: no Apple machine here).
 Exit codes: 0 finished; 2 bad input, a non-finite loss or a checkpoint that cannot be written (one `error: ...`
@@ -50,8 +51,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from uoe import (GPT, CheckpointError, GPTConfig, flops_per_token, load_checkpoint, param_counts, resolve_expert_path,
-                 save_checkpoint)
+from uoe import (FFN_VARIANTS, GPT, CheckpointError, GPTConfig, flops_per_token, load_checkpoint, param_counts,
+                 resolve_expert_path, save_checkpoint, unread_options)
 
 EVAL_SEED = 0        # the fixed eval batches depend on this, not on --seed: every run sees the same ones
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) per GPU, for MFU (train.py and bench.py). Matched as a
@@ -284,6 +285,23 @@ def make_model_config(model_values):
         return GPTConfig(**model_values)
     except (ValueError, TypeError) as e:
         raise UserError(f"invalid model config: {e}; fix the option") from None
+
+
+def check_read(cfg, model_values, explicit):
+    """Refuse a model option set here (command line or config file, not restored from a checkpoint) that cfg's
+    variant does not read: the run would ignore it without a word. One at its default is harmless (study.py
+    gives every field). cfg's values, not model_values: --n_routing=None is n_routing's default, resolved."""
+    unread = unread_options(cfg, {k: getattr(cfg, k) for k in model_values if k in explicit})
+    if not unread:
+        return
+    readers = {k: [name for name, cls in FFN_VARIANTS.items() if k in cls.options] for k in unread}
+    fits = [name for name in FFN_VARIANTS if all(name in r for r in readers.values())]
+    where = " or ".join(f"--ffn={name}" for name in fits) if fits else \
+        "; ".join(f"{k}: {' or '.join(f'--ffn={name}' for name in r)}" for k, r in readers.items())
+    given = " ".join(f"--{k}={model_values[k]!r}" for k in unread)
+    it, are = ("it", "is") if len(unread) == 1 else ("them", "are")
+    raise UserError(f"{given} {are} not read by --ffn={cfg.ffn}, so the run would ignore {it}; drop {it}, or choose "
+                    f"a variant that reads {it} ({where})")
 
 
 # -----------------------------------------------------------------------------
@@ -684,6 +702,7 @@ def check_run(values, explicit, procs, device):
     train, model_values = split_options(values)
     check_train_config(train, procs.world)
     cfg = make_model_config(model_values)       # validated before the (maybe slow) data preparation
+    check_read(cfg, model_values, explicit)
     prec = precision(train, device)
     use_compile, _, _, dtype = prec
     path = expert_path(cfg, device, dtype, use_compile)   # likewise

@@ -119,6 +119,11 @@ BAD_INPUTS = [
     ("bin_shorter_than_meta", "train.bin is truncated", lambda ws: ws.data_copy(lambda d: cut(d / "train.bin", 2))),
     ("block_size_longer_than_val", "longer than the val split", lambda ws: ["--block_size=5000"]),
     ("invalid_model_config", "top_k", lambda ws: ["--top_k=99"]),
+    # a model option the variant does not read would be ignored without a word
+    ("unread_option", "--n_shared=1 is not read by --ffn=uoe, so the run would ignore it; drop it, or choose a "
+     "variant that reads it (--ffn=moe)", lambda ws: ["--n_shared=1"]),
+    ("unread_options", "--uoe_output='twice' --vse=False are not read by --ffn=moe",
+     lambda ws: ["--ffn=moe", "--vse=False", "--uoe_output=twice"]),
     ("grouped_experts_misaligned", "expert_path", lambda ws: ["--expert_path=grouped", "--expert_hidden=60"]),
     ("unknown_option", "did you mean --n_embd", lambda ws: ["--n_embed=64"]),
     ("bad_type", "--max_iters expects int", lambda ws: ["--max_iters=1.5"]),
@@ -256,6 +261,15 @@ def test_checkpoint_of_an_earlier_version_resumes_with_the_defaults_of_its_missi
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 3 and (ckpt["config"]["z_loss_coef"], ckpt["config"]["expert_path"]) == (0.0, "auto")
     assert ckpt["data"]["corpus"] == load_checkpoint(trained / "ckpt.pt")["data"]["corpus"]   # from now on: checked
+
+
+def test_an_unread_option_restored_from_a_checkpoint_is_no_error(data, trained, tmp_path, capsys):
+    """Only the options set on this command line are checked against the variant: a uoe checkpoint written
+    before that check, with an --n_shared=1 its run ignored, still resumes."""
+    out = tmp_path / "out"
+    Workspace(tmp_path, data, trained).with_ckpt(edit_ckpt(lambda c: c["config"].update(n_shared=1)))
+    code, _, _ = train_here(capsys, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=3")
+    assert code == 0 and load_checkpoint(out / "ckpt.pt")["config"]["n_shared"] == 1
 
 
 def test_resume_on_another_corpus_when_allowed_warns_in_one_line(data, trained, tmp_path, capsys):

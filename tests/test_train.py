@@ -214,6 +214,30 @@ def test_every_model_field_is_an_option_with_its_type_checked():
         train.parse_args(["--vse=1"])
 
 
+def test_a_model_option_the_variant_does_not_read_is_refused_unless_at_its_default(tmp_path):
+    def check(*argv):
+        values, explicit = train.parse_args(list(argv))
+        _, model = train.split_options(values)
+        train.check_read(train.make_model_config(model), model, explicit)
+    with pytest.raises(train.UserError, match=r"^--n_shared=1 is not read by --ffn=uoe, so the run would ignore it; "
+                                              r"drop it, or choose a variant that reads it \(--ffn=moe\)$"):
+        check("--n_shared=1")
+    with pytest.raises(train.UserError, match=r"^--uoe_output='twice' --vse=False are not read by --ffn=moe, .*; "
+                                              r"drop them, or choose a variant that reads them \(--ffn=uoe\)$"):
+        check("--ffn=moe", "--vse=False", "--uoe_output=twice")
+    with pytest.raises(train.UserError, match=r"\(--ffn=aoe or --ffn=uoe\)$"):
+        check("--ffn=dense", "--route_norm=1")
+    with pytest.raises(train.UserError, match=r"\(n_shared: --ffn=moe; vse: --ffn=uoe\)$"):   # no variant reads both
+        check("--ffn=aoe", "--n_shared=1", "--vse=False")
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("ffn = 'moe'\nd_low = 7\n")
+    with pytest.raises(train.UserError, match=r"^--d_low=7 is not read by --ffn=moe"):   # a config file sets it too
+        check(str(cfg))
+    for ffn in train.FFN_VARIANTS:       # study.py gives every field: those the variant does not read at their defaults
+        check(*(f"--{k}={v!r}" for k, v in dataclasses.asdict(train.GPTConfig(ffn=ffn)).items()))
+    check("--ffn=moe", "--n_shared=1", "--route_norm=2", "--n_routing=None")
+
+
 def test_config_file_then_command_line(tmp_path):
     cfg = tmp_path / "cfg.py"
     cfg.write_text("import math\nffn = 'moe'\nmax_iters = 7\nlearning_rate = 1e-3 * math.sqrt(4)\n")
