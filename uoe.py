@@ -920,7 +920,8 @@ def match_config(config, target, by="flops", multiple_of=1):
     """config with expert_hidden D chosen so that its active FLOPs per token (by='flops') or its
     total parameters (by='params') are as close as possible to target's, among the multiples of
     `multiple_of` (e.g. 64 for aligned bf16 GEMMs on a GPU; the rest of the mismatch is then
-    up to one step of it). UoE keeps its fraction of routing neurons n_routing / D."""
+    up to one step of it). UoE keeps its fraction of routing neurons n_routing / D; the other variants,
+    which do not read n_routing, get its default for their D (so no option they ignore is set)."""
     if not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of={multiple_of!r} is invalid: it must be an integer >= 1")
     metric = {"flops": flops_per_token, "params": lambda c: param_counts(c)[0]}[by]
@@ -928,6 +929,8 @@ def match_config(config, target, by="flops", multiple_of=1):
 
     def at(units):                        # D = units * multiple_of
         D = units * multiple_of
+        if config.ffn != "uoe":           # n_routing is UoE's: the others keep its default for their D
+            return replace(config, expert_hidden=D, n_routing=None)
         return replace(config, expert_hidden=D, n_routing=min(D - 1, max(1, round(D * frac))))
 
     lo = hi = math.ceil(2 / multiple_of)  # the smallest D >= 2 (UoE needs a unit besides its routing ones)

@@ -423,6 +423,7 @@ def test_match_config_within_one_hidden_unit(ffn, by):
     one_unit = max(abs(metric(replace(got, expert_hidden=got.expert_hidden + d)) - metric(got)) for d in (-1, 1))
     assert abs(metric(got) - metric(target)) <= one_unit
     assert got.ffn == ffn
+    assert uoe.unread_options(got, asdict(got)) == []   # a matched config passes train.py's check as it is
 
 
 @pytest.mark.parametrize("ffn", uoe.FFN_VARIANTS)
