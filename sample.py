@@ -194,7 +194,7 @@ def sample(o):
         raise UserError("the prompt encodes to no tokens; give a non-empty --start")
     routing = o["show_routing"] or o["routing_html"]
     n_layer, layer = model.config.n_layer, o["routing_layer"]
-    if routing and model.config.ffn == "dense":
+    if routing and not model.transformer.h[0].mlp.routed:
         raise UserError("this model has no routing (ffn=dense); drop --show_routing/--routing_html")
     if routing and not -n_layer <= layer < n_layer:
         raise UserError(f"--routing_layer={layer} is out of range for {n_layer} layers; use 0..{n_layer - 1} or -1")

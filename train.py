@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from uoe import (FFN_VARIANTS, GPT, CheckpointError, GPTConfig, flops_per_token, load_checkpoint, param_counts,
-                 resolve_expert_path, save_checkpoint, unread_options)
+from uoe import (FFN_VARIANTS, GPT, CheckpointError, GPTConfig, ffn_class, flops_per_token, load_checkpoint,
+                 param_counts, resolve_expert_path, save_checkpoint, unread_options)
 
 EVAL_SEED = 0        # the fixed eval batches depend on this, not on --seed: every run sees the same ones
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) per GPU, for MFU (train.py and bench.py). Matched as a
@@ -650,7 +650,7 @@ def expert_path(cfg, device, dtype, use_compile=False):
     """How a routed model's experts run here (uoe.resolve_expert_path): 'loop' or 'grouped'; None for dense.
     Checked up front: an explicit 'grouped' that the widths, the compiler or the device cannot take would
     otherwise fail in the first forward, after the model is built and the data read."""
-    if cfg.ffn == "dense":
+    if not ffn_class(cfg.ffn).routed:
         return None
     try:
         path = resolve_expert_path(cfg, device, dtype)
@@ -670,7 +670,8 @@ def banner(cfg, train, step, tokens_per_step, system, path, peak, peak_label):
     """The run's first line: model, size, expert path, device and precision, the MFU reference (CUDA), fresh or
     resumed."""
     total, active = param_counts(cfg)
-    experts = f"{cfg.n_expert} experts top-{cfg.top_k}" if cfg.ffn != "dense" else f"FFN width {cfg.expert_hidden}"
+    routed = ffn_class(cfg.ffn).routed
+    experts = f"{cfg.n_expert} experts top-{cfg.top_k}" if routed else f"FFN width {cfg.expert_hidden}"
     experts += {"grouped": " (experts: grouped GEMM)", "loop": " (experts: loop)", None: ""}[path]
     mfu = f"; {peak_label}" if peak_label else ""       # no peak: why there is no MFU
     if peak:
