@@ -3,13 +3,14 @@ Union-of-Experts (UoE) in one file: a GPT whose feed-forward network is dense, a
 Autonomy-of-Experts (AoE) or Union-of-Experts, selected by `GPTConfig.ffn`. Section numbers (§) refer
 to METHOD.md, the project's specification.
 
-Read from the top: the model's options, then the UoE layer (UoEFFN) and its one-token form
-(uoe_one_token, the definition the tests hold the layer to), then how the chosen experts run
-(dispatch, a readable loop shared by all routed layers), the baselines (dense, MoE, AoE), the GPT,
-and last the plumbing: the grouped-GEMM speed path, accounting, config checks, checkpoints.
+Read from the top: the model's options, what every FFN variant provides (FFN, a short base class),
+then the UoE layer (UoEFFN) and its one-token form (uoe_one_token, the definition the tests hold the
+layer to), then how the chosen experts run (dispatch, a readable loop shared by all routed layers), the
+baselines (dense, MoE, AoE) and the registry of variants (FFN_VARIANTS), the GPT, and last the
+plumbing: the grouped-GEMM speed path, accounting, config checks, checkpoints.
 
-Shapes: B batch, T time, C = n_embd (d), N = B*T tokens, E = n_expert (n), K = top_k,
-D = expert_hidden, N_s = n_routing (routing neurons per expert).
+Shapes (METHOD.md §1, the same letters in every file): B batch, T time, C = n_embd (d), N = B*T tokens,
+E = n_expert, K = top_k, D = expert_hidden, N_s = n_routing (routing neurons per expert).
 """
 
 import math
