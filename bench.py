@@ -5,7 +5,7 @@ Dense, MoE, AoE and UoE side by side: the speed and memory of a training step.
     python bench.py speed --preset gpu     # GPT-2-small-like (12 x 768, block 1024), bf16, one GPU
     python bench.py speed --help           # sizes and options
 
-The quality study (quality, ablate, balance) is study.py; `python bench.py quality ...` runs it too.
+The quality study (quality, ablate, balance) is study.py.
 The size flags describe the UoE model; every other variant gets the expert_hidden D that
 uoe.match_config picks to match its active FLOPs per token. The result goes to
 OUT_DIR/bench_speed.json (default bench_out/, not committed).
@@ -30,8 +30,6 @@ one variant's models (eager, compiled) at a time, freed before the next.
 """
 import argparse
 import json
-import math
-import os
 import resource
 import statistics
 import subprocess
@@ -44,11 +42,10 @@ from pathlib import Path
 import torch
 
 import uoe
+from harness import (REPO, Parser, cli, device_name, positive_float, positive_int, settle, variant_list,
+                     write_json)
 from train import TrainConfig, UserError, make_optimizer, mfu_peak   # train.py's recipe, UserError, GPU peaks
 from uoe import FFN_VARIANTS, GPT, GPTConfig, flops_breakdown, flops_per_token, match_config, param_counts
-
-REPO = Path(__file__).resolve().parent
-STUDY_COMMANDS = ("quality", "ablate", "balance")     # study.py's, run from here too
 
 # Defaults per preset; a flag given on the command line wins. CPU runs use one thread
 # unless told otherwise: on a machine shared with other jobs, an op split over 2 threads waits for
@@ -65,40 +62,6 @@ PRESETS = {
 }
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):           # argparse's own errors, one line, same convention
-        raise UserError(f"{message}; see python {self.prog} --help")
-
-
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{s} must be >= 1")
-    return v
-
-
-def positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"{s} must be a positive number")
-    return v
-
-
-def variant_list(s, allowed=FFN_VARIANTS):
-    names = [v.strip() for v in s.split(",") if v.strip()]
-    bad = [v for v in names if v not in allowed]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown variant {bad[0] if bad else s!r} "
-                                         f"(choose from {','.join(allowed)})")
-    return list(dict.fromkeys(names))
-
-
 SPEED_EPILOG = """The cpu preset (4 x 128, block 128, batch 16, float32, 1 thread) times all eight models (four
 variants, eager and compiled) interleaved: a few minutes on 2 cores. The gpu preset (12 x 768, block
 1024, batch 8, bf16 autocast, widths multiples of 64) builds one variant's two models at a time and
@@ -109,12 +72,10 @@ on a 24 GB card use --batch_size 4)."""
 
 def build_parser():
     top = Parser(prog="bench.py", description=__doc__.split("\n\n")[0].strip())
-    sub = top.add_subparsers(dest="command", metavar="{speed,quality,ablate,balance}", parser_class=Parser)
+    sub = top.add_subparsers(dest="command", metavar="{speed}", parser_class=Parser)
     p = sub.add_parser("speed", help="time a training step of each variant (eager and compiled)",
                        description=__doc__.split("\n\n")[0].strip(), epilog=SPEED_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in STUDY_COMMANDS:                  # main() hands these to study.py before parsing
-        sub.add_parser(name, help=f"the study: python study.py {name} --help", add_help=False)
     p.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
                    help="default sizes: cpu (2 cores) or gpu (one GPU, bf16, compile)")
     p.add_argument("--variants", type=variant_list, default=list(FFN_VARIANTS), help="comma-separated")
@@ -144,34 +105,6 @@ def parse_args(argv):
     if args.command is None:
         raise UserError("no command; run python bench.py speed (or python study.py quality, ablate, balance)")
     return settle(args, PRESETS[args.preset], "bench_speed.json")
-
-
-def settle(args, preset, json_name):
-    """bench's and study's options, completed: preset defaults where the command line left them out, --device
-    auto resolved, OUT_DIR and the JSON's folder made now rather than after minutes of runs. A device or dtype
-    this machine cannot give is a UserError."""
-    for k, v in preset.items():
-        if getattr(args, k, 0) is None:
-            setattr(args, k, v)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA GPU; use --device cpu")
-    if args.preset == "gpu" and args.device != "cuda":
-        raise UserError("--preset gpu needs a CUDA GPU; use --preset cpu")
-    if args.dtype == "bfloat16" and args.device != "cuda":
-        raise UserError("--dtype bfloat16 (autocast) is for CUDA here; use --dtype float32 on CPU")
-    args.json = args.json or str(Path(args.out_dir) / json_name)
-    make_folders(args.out_dir, Path(args.json).parent)
-    return args
-
-
-def make_folders(*folders):
-    try:
-        for folder in folders:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {e.filename} ({e.strerror}); choose another --out_dir / --json") from None
 
 
 # -----------------------------------------------------------------------------
@@ -308,53 +241,24 @@ def time_call(fn, device):
     return time.perf_counter() - t
 
 
-def routed_pieces(mlp, x, ctx):
-    """{part: function} of a routed FFN's parts beyond scoring, each run on its own through the FFN's
-    methods, on inputs of their own (leaves: backward stops there): "experts", its chosen experts on the
-    choice of experts the FFN made in a forward; "shared", its always-on part (MoE's shared experts,
-    UoE's VSE beyond scoring: the hidden units h_i = a_i * x W_p^i and their W_o), where it has one."""
-    cfg, (B, T, C) = mlp.config, x.shape
-    x2 = x.detach().reshape(-1, C).requires_grad_()                              # (N, C)
-    with torch.no_grad(), ctx:
-        mlp(x)
-        dtype = uoe.compute_dtype(x2)                                            # bf16 under autocast
-    topk_idx = mlp.last_routing["topk_idx"]                                      # (N, K): the FFN's own choice
-    # the gates' values (and AoE's C_i's) do not change the work: any of the right shape will do
-    gates = torch.full(topk_idx.shape, 1 / cfg.top_k, device=x.device, requires_grad=True)   # (N, K)
-    if cfg.ffn == "moe":
-        parts = {"experts": lambda: mlp.chosen_experts(x2, topk_idx, gates)}
-        if cfg.n_shared:
-            parts["shared"] = lambda: mlp.shared_experts(x2)
-        return parts
-    if cfg.ffn == "aoe":
-        c = torch.randn(B * T, cfg.n_expert, cfg.d_low, device=x.device, dtype=dtype, requires_grad=True)
-        return {"experts": lambda: mlp.chosen_experts(x2, topk_idx, gates, c)}
-    with torch.no_grad(), ctx:
-        _, a = mlp.routing_activations(x2)                                       # (N, E, N_s), float32
-        h = mlp.routing_hidden(x2, a) if cfg.vse or cfg.route_score == "swiglu" else None
-    a_c, h_c = (None if t is None else t.detach().to(dtype).requires_grad_() for t in (a, h))   # as forward
-    parts = {"experts": lambda: mlp.chosen_experts(x2, topk_idx, gates, a_c, h_c)}
-    if cfg.vse:
-        a = a.detach().requires_grad_()
-        parts["shared"] = lambda: mlp.virtual_shared_expert(mlp.routing_hidden(x2, a))
-    return parts
-
-
 def ffn_pieces(run, args, reps):
     """Eager fwd+bwd times of layer 0's FFN and of its parts: the chosen experts and the always-on part
-    (routed_pieces; all of a dense FFN is always-on), scoring and the rest (router / C_i / routing
-    neurons, top-k, gates, aux loss: FFN minus the other two), and a dense SwiGLU with the FLOPs of the
-    expert path. Returns medians in ms, each part's share of the FFN's time and of its FLOPs."""
+    (the FFN class's parts(), each on inputs of its own; all of a dense FFN is always-on), scoring and the
+    rest (router / C_i / routing neurons, top-k, gates, aux loss: FFN minus the other two), and a dense
+    SwiGLU with the FLOPs of the expert path. Returns medians in ms, each part's share of the FFN's time and
+    of its FLOPs. A config whose ffn uoe does not know is uoe's ValueError, before anything is timed."""
     cfg, dev = run.config, args.device
+    fl = flops_breakdown(cfg)
     mlp = run.model.transformer.h[0].mlp
     B, T, C = args.batch_size, cfg.block_size, cfg.n_embd
     gen = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(B, T, C, generator=gen).to(dev).requires_grad_()            # (B, T, C)
     ctx = autocast(args)
     pieces = {"ffn": lambda: mlp(x)}
-    if cfg.ffn != "dense":
-        pieces.update(routed_pieces(mlp, x, ctx))
-        x2 = x.detach().reshape(-1, C).requires_grad_()
+    if mlp.routed:
+        x2 = x.detach().reshape(-1, C).requires_grad_()                          # (N, C)
+        with ctx:
+            pieces.update(mlp.parts(x2))                                         # "experts" (and "shared")
         width = max(1, round(uoe.ffn_breakdown(cfg)["experts"] / (3 * C)))   # same FLOPs as the expert path
         w = [(torch.randn(*shape, generator=gen) * 0.02).to(dev).requires_grad_()
              for shape in ((C, width), (C, width), (width, C))]
@@ -367,14 +271,13 @@ def ffn_pieces(run, args, reps):
             times[k].append(time_call(lambda: ctx_backward(ctx, f), dev))
     mlp.zero_grad(set_to_none=True)
     out = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
-    fl = flops_breakdown(cfg)
     ffn_flops = fl["ffn_scoring"] + fl["ffn_shared"] + fl["ffn_experts"]
-    if cfg.ffn == "dense":
-        out.update(shared_ms=out["ffn_ms"], experts_ms=0.0, scoring_ms=0.0)
-    else:
+    if mlp.routed:
         out.setdefault("shared_ms", 0.0)
         out["scoring_ms"] = out["ffn_ms"] - out["experts_ms"] - out["shared_ms"]
         out["experts_vs_dense"] = out["experts_ms"] / out["dense_equiv_ms"]
+    else:
+        out.update(shared_ms=out["ffn_ms"], experts_ms=0.0, scoring_ms=0.0)
     for part in ("scoring", "shared", "experts"):
         out[f"{part}_share"] = out[f"{part}_ms"] / out["ffn_ms"]
         out[f"{part}_flop_share"] = fl[f"ffn_{part}"] / ffn_flops
@@ -469,14 +372,14 @@ def bench_speed(args):
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     x = torch.randint(0, base.vocab_size, (args.batch_size, base.block_size), generator=gen).to(dev)
     y = torch.randint(0, base.vocab_size, (args.batch_size, base.block_size), generator=gen).to(dev)
-    device_name = torch.cuda.get_device_name() if dev == "cuda" else cpu_name()
+    machine = device_name(dev)
     mm_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     paths = {v: uoe.resolve_expert_path(c, dev, mm_dtype) for v, c in configs.items()}
-    print(f"# bench.py speed on {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"# bench.py speed on {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{dev} {args.dtype}, batch {args.batch_size} x {base.block_size} tokens; expert path: "
           + ", ".join(f"{v} {p}" for v, p in paths.items() if v != "dense"), flush=True)
     # MFU against train.py's one table of GPU peaks (bf16 runs only, or --peak_tflops)
-    peak, peak_label = mfu_peak(device_name, args.dtype, args.peak_tflops) if dev == "cuda" else (None, "")
+    peak, peak_label = mfu_peak(machine, args.dtype, args.peak_tflops) if dev == "cuda" else (None, "")
 
     n = 1024 if dev == "cpu" else 8192
     a_mm = torch.randn(n, n, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
@@ -543,7 +446,7 @@ def bench_speed(args):
             recompiles_during_timing=r["recompiles_timed"] if compiled else None,
             ffn=pieces.get(r["variant"]) if r["mode"] == modes[0] else None))
     result = dict(
-        command="speed", device=dev, device_name=device_name, torch=torch.__version__,
+        command="speed", device=dev, device_name=machine, torch=torch.__version__,
         threads=torch.get_num_threads(), dtype=args.dtype, batch_size=args.batch_size,
         tokens_per_step=tokens, reps=args.reps, warmup=args.warmup, base_config=asdict(base),
         configs={v: asdict(c) for v, c in configs.items()}, expert_paths=paths, multiple_of=args.multiple_of,
@@ -641,57 +544,13 @@ def speed_table(res):
     return "\n".join(lines)
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "CPU"
-
-
-def write_json(path, obj, quiet=False):
-    """Write obj as JSON atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    if not quiet:
-        print(f"\nwrote {path}")
-
-
 # -----------------------------------------------------------------------------
-
-def cli(run, argv, interrupted="interrupted"):
-    """run(argv) as a command line program: a UserError, a bad model size (GPTConfig's ValueError) or Ctrl-C
-    ends in one line (on Ctrl-C, `interrupted`); returns the exit code."""
-    try:
-        run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
-        return 130
-    except ValueError as e:                      # GPTConfig's validation
-        if "GPTConfig" not in str(e):
-            raise
-        print(f"error: {e}; change the size flags", file=sys.stderr)
-        return 2
-    return 0
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_memory"]:                  # internal: the memory probe's child process
         memory_probe(json.loads(argv[1]))
         return 0
-    if argv[:1] and argv[0] in STUDY_COMMANDS:   # the study lives in study.py
-        import study
-        return study.main(argv)
     return cli(lambda argv: bench_speed(parse_args(argv)), argv)
 
 

@@ -19,9 +19,9 @@ after it are predicted to need, so the whole stays within BUDGET_S. A stage that
 even its prediction is not run and says how to check it alone (--skip the others; a second run
 also finds inductor's caches warm). Every stage ends in a row of the summary table (stage,
 status, seconds, limit), whether it passed, failed or timed out. Everything goes to --out_dir
-(default gpu_check_out/), the summary to summary.md. Exit code 0 only when every stage passed.
+(default gpu_check_out/), the summary to summary.md. Exit code 0 only when every stage passed (1 when
+one did not; 2 no GPU or a bad option; 130 / 143 Ctrl-C / SIGTERM, which stop the running stage first).
 """
-import argparse
 import json
 import os
 import signal
@@ -29,9 +29,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+from harness import REPO, Parser, cli
+from train import UserError
+
 VARIANTS = ("dense", "moe", "uoe")
 # the train runs: a 6 x 512 model, big enough for the GPU to matter, small enough to compile fast
 TRAIN_MODEL = dict(n_layer=6, n_head=8, n_embd=512, expert_hidden=1024, block_size=512)
@@ -45,21 +46,43 @@ STAGES = {"tests": (4, 30), "bench": (4, 45), "train": (2, 20)}
 BUDGET_S = 480          # the whole check, the compile measurement included
 MARGIN = 2.0            # a stage may take twice its predicted time, if the later stages leave room
 FALLBACK_COMPILE_S = 30  # assumed when the measurement itself fails
+STOP_GRACE_S = 10       # after Ctrl-C / SIGTERM: the seconds a stage has to exit on SIGTERM before it is killed
 
 
 def run(cmd, limit, log):
-    """(exit code or "timeout", seconds) of cmd, its output written to log. On timeout its whole process
-    group is killed: inductor's compile workers must not slow the next stage down."""
+    """(exit code or "timeout", seconds) of cmd, its output written to log. The stage runs in a session of its
+    own (a Ctrl-C in the terminal does not reach it), so its whole process group is ended here: on timeout
+    killed (inductor's compile workers must not slow the next stage down); when this command is interrupted
+    (Ctrl-C, SIGTERM) sent SIGTERM, and killed after STOP_GRACE_S, before the interrupt goes on."""
     t0 = time.time()
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = p.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            kill_group(p, signal.SIGKILL)
             code = "timeout"
+        except BaseException:               # Ctrl-C or SIGTERM (harness.cli): stop the stage, then go on
+            try:
+                kill_group(p, signal.SIGTERM)
+                try:
+                    p.wait(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            finally:                        # (a second Ctrl-C ends the grace at once)
+                kill_group(p, signal.SIGKILL)   # what is left of the group: the stage, or its workers
+            raise
     return code, time.time() - t0
+
+
+def kill_group(p, signum):
+    """Send signum to the process group that p leads, and reap p if it was killed."""
+    try:
+        os.killpg(p.pid, signum)
+    except ProcessLookupError:              # nothing of the group is left
+        pass
+    if signum == signal.SIGKILL:
+        p.wait()
 
 
 def stage_limit(predicted, left):
@@ -208,8 +231,9 @@ def summary(rows, compile_s, out):
     return lines
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Run the GPU checks (needs a CUDA GPU; no network).")
+def check(argv):
+    """The whole check; returns the exit code (0 every stage passed, else 1)."""
+    p = Parser(prog="gpu_check.py", description="Run the GPU checks (needs a CUDA GPU; no network).")
     p.add_argument("--out_dir", default="gpu_check_out")
     p.add_argument("--skip", default="", help=f"comma-separated stages to skip: {', '.join(STAGES)}")
     args = p.parse_args(argv)
@@ -218,9 +242,8 @@ def main(argv=None):
         p.error(f"unknown stage(s) {', '.join(sorted(skip - set(STAGES)))}; use {', '.join(STAGES)}")
     import torch
     if not torch.cuda.is_available():
-        print("error: no CUDA GPU is visible to torch here; run this on a machine with one "
-              "(the CPU tests are `python -m pytest -q`)", file=sys.stderr)
-        return 2
+        raise UserError("no CUDA GPU is visible to torch here; run this on a machine with one "
+                        "(the CPU tests are `python -m pytest -q`)")
     deadline = time.time() + BUDGET_S
     out = (REPO / args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +268,16 @@ def main(argv=None):
     (out / "summary.md").write_text("\n".join(["# gpu_check.py", "", *env, "", *report]) + "\n")
     print("\n" + "\n".join(report) + f"\nsummary in {out / 'summary.md'}, logs beside it")
     return 0 if ok else 1
+
+
+def main(argv=None):
+    code = {}
+
+    def run_check(argv):
+        code["exit"] = check(argv)
+    rc = cli(run_check, sys.argv[1:] if argv is None else argv,
+             interrupted="interrupted: the running stage was stopped; summary.md is not written")
+    return code.get("exit", rc)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ made by train.py. Does UoE beat MoE, and by how much, with intervals a statistic
     python study.py report                    # the budgets run: markdown, JSON and a figure for RESULTS.md
     python study.py quality --help            # sizes, what each preset costs
 
-(`python bench.py quality|ablate|balance` run the same commands.) The size flags describe the UoE
+The size flags describe the UoE
 model; every other variant gets the expert_hidden D that uoe.match_config picks to match its active
 FLOPs per token. Outputs go to --out_dir (default bench_out/, not committed): <command>_<preset>.json
 and .png, study_report.{md,json,png}, and runs/, one folder per train.py run.
@@ -31,6 +31,7 @@ How the numbers are kept honest:
   its segments.
 """
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -41,14 +42,14 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from bench import REPO, Parser, cli, cpu_name, positive_float, positive_int, settle, variant_list, write_json
+from harness import (REPO, Parser, cli, device_name, positive_float, positive_int, settle, variant_list,
+                     write_json)
 from train import TrainConfig, UserError
 from uoe import GPTConfig, flops_per_token, match_config, param_counts
 
@@ -189,6 +190,14 @@ def ent_load_summary(routing, steps, tail=0.1):
     n_layer = len(last[0][1])
     return [dict(ent_load=statistics.fmean(r[1][i] for r in last), max_load=statistics.fmean(r[2][i] for r in last),
                  min_load=statistics.fmean(r[3][i] for r in last)) for i in range(n_layer)]
+
+
+def load_ratio(max_loads, min_loads):
+    """max / min load, as the ratio of their means over seeds (a mean of per-seed ratios is ruled by the seed
+    whose least-loaded expert got least, and is infinite when one got none); None when the least-loaded expert
+    got no tokens in any seed."""
+    least = statistics.fmean(min_loads)
+    return statistics.fmean(max_loads) / least if least > 0 else None
 
 
 def gap_curve(a, b):
@@ -404,14 +413,18 @@ def read_result(spec):
 def claim(run_dir):
     """Claim a run: an open file holding an exclusive lock on run_dir/claim.lock, or None when another
     process holds it. The kernel drops the lock when every holder has exited, so a claim never outlives a
-    killed command."""
+    killed command. A file system that cannot lock files (ENOLCK: some network file systems) is a UserError:
+    read as "held", every run would be waited for forever."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     f = open(Path(run_dir) / "claim.lock", "a")
     try:
         try_lock(f)
-    except OSError:
+    except OSError as e:
         f.close()
-        return None
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):      # another process holds the lock
+            return None
+        raise UserError(f"cannot lock {f.name} ({e.strerror or e}): the file system of the out_dir cannot lock "
+                        "files; use a --out_dir on a local disk") from None
     return f
 
 
@@ -585,10 +598,6 @@ class Stopped(KeyboardInterrupt):
     command): the command stops as if interrupted, and the next one resumes the run."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM to this command: stop as on Ctrl-C (see main)."""
-
-
 STOP_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)   # train.py's; killed
 
 
@@ -645,9 +654,8 @@ def settings(args, base):
     return dict(preset=args.preset, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size,
                 block_size=base.block_size, tokens=args.steps * args.batch_size * base.block_size,
                 seeds=args.seeds, recipe=recipe(args), fingerprint=args.fingerprint, device=args.device,
-                dtype=args.dtype, compile=args.compile, machine=cpu_name() if args.device == "cpu" else
-                torch.cuda.get_device_name(), threads=args.threads, jobs=args.jobs, base_config=asdict(base),
-                multiple_of=args.multiple_of)
+                dtype=args.dtype, compile=args.compile, machine=device_name(args.device), threads=args.threads,
+                jobs=args.jobs, base_config=asdict(base), multiple_of=args.multiple_of)
 
 
 def budget(st):
@@ -768,8 +776,7 @@ def balance(args):
             rows.append(dict(variant=v, aux_loss_coef=coef, layer=layer, lr=lrs[v][0], seeds=len(per_seed),
                              **{k: mean_std(x) for k, x in stat.items()},
                              val=mean_std(finals) if finals else (None, None), val_seeds=len(finals),
-                             max_over_min=statistics.fmean(a / b if b > 0 else math.inf
-                                                           for a, b in zip(stat["max_load"], stat["min_load"]))))
+                             max_over_min=load_ratio(stat["max_load"], stat["min_load"])))
     first = args.variants[0]                         # paired by seed: each variant minus the first (uoe - moe)
     ent_diffs = [dict(variant=v, versus=first, aux_loss_coef=coef, layer=layer,
                       **paired_difference({k: e[layer]["ent_load"] for k, e in ent[(v, coef)].items()},
@@ -981,13 +988,15 @@ def balance_table(res):
              f"10% of steps, mean ± std over the seeds (n) of seeds 0..{res['seeds'] - 1} that did not diverge; "
              f"Ent_load is at most "
              f"ln E = {res['ent_load_max']:.3f}, a load of 1/E = {1 / res['base_config']['n_expert']:.3f} per "
-             "expert is perfect balance", "",
+             "expert is perfect balance; max / min is the mean max load over the mean min load (\"no tokens\": the "
+             "least-loaded expert got none)", "",
              "| variant | aux_loss_coef | layer | Ent_load | max load | min load | max / min | val loss | n |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         n = r["seeds"]
+        ratio = "no tokens" if r["max_over_min"] is None else f"{r['max_over_min']:.1f}"
         lines.append(f"| {r['variant']} | {r['aux_loss_coef']:g} | {r['layer']} | {fmt_pm(*r['ent_load'], 3, n)} | "
-                     f"{fmt_pm(*r['max_load'], 3, n)} | {fmt_pm(*r['min_load'], 3, n)} | {r['max_over_min']:.1f} | "
+                     f"{fmt_pm(*r['max_load'], 3, n)} | {fmt_pm(*r['min_load'], 3, n)} | {ratio} | "
                      f"{fmt_pm(*r['val'], n=r.get('val_seeds', n))} | {n} |")
     if res["ent_load_diffs"]:
         lines += ["", "| Ent_load, paired by seed | aux_loss_coef | layer | difference ± SE | 95% CI | seeds |",
@@ -1202,33 +1211,21 @@ def parse_args(argv):
 INTERRUPTED = "interrupted: finished runs are kept; run the same command again to continue"
 
 
-def on_sigterm(signum, frame):
-    raise Terminated
-
-
 def main(argv=None):
     """The command line: 0 done, 2 a UserError (one line); stopped (one line): 130 on Ctrl-C or a run stopped by a
-    signal, 143 on SIGTERM to this command. Either way our runs save a checkpoint and the same command continues."""
+    signal, 143 on SIGTERM to this command (harness.cli). Either way our runs save a checkpoint and the same command
+    continues."""
     code = {}
 
     def run(argv):
         args = parse_args(argv)
         try:
             dict(quality=quality, ablate=ablate, balance=balance, report=study_report)[args.command](args)
-        except KeyboardInterrupt as e:
-            # (after a Ctrl-C, on a line of its own: the terminal has echoed ^C)
-            print(f"stopped: {e}" if isinstance(e, Stopped) else f"\n{INTERRUPTED}", file=sys.stderr)
-            code["exit"] = 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+        except Stopped as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            code["exit"] = 128 + signal.SIGINT
 
-    # SIGTERM (kill, a scheduler, a container stop) stops the command as Ctrl-C does: by default it would end it
-    # at once, without stopping the runs (they would train on, orphaned) or recording their segments
-    main_thread = threading.current_thread() is threading.main_thread()       # where signal handlers can be set
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
-    try:
-        rc = cli(run, sys.argv[1:] if argv is None else argv, interrupted=INTERRUPTED)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    rc = cli(run, sys.argv[1:] if argv is None else argv, interrupted=INTERRUPTED)
     return code.get("exit", rc)
 
 

@@ -1,9 +1,12 @@
 """Tests for bench.py (the speed benchmark): argument handling, its arithmetic on known numbers, and
 tiny end-to-end runs. No assertions on speed: the machine is shared and timings swing. The study
-(study.py) has its own tests, tests/test_study.py."""
+(study.py) has its own tests, tests/test_study.py; what the scripts share (harness.py) is tested at the end."""
 
 import json
+import math
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +14,11 @@ import pytest
 import torch
 
 import bench
+import harness
 import train
 import uoe
+
+REPO = Path(bench.__file__).resolve().parent
 
 MICRO = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "8", "--batch_size", "2",
          "--n_expert", "4", "--top_k", "2", "--expert_hidden", "16", "--threads", "1"]
@@ -32,8 +38,7 @@ MICRO = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "8
     (["speed", "--preset", "gpu", "--device", "cpu"], "gpu"),
     (["speed", "--dtype", "bfloat16", "--device", "cpu"], "bfloat16"),
     (["speed", "--unknown_flag", "1"], "unrecognized"),
-    (["quality", "--lrs", "0"], "--lrs"),                   # the study's commands: handed to study.py
-    (["ablate", "--ablations", "no_vse,no_brain"], "no_brain"),
+    (["quality"], "invalid choice"),                        # the study is study.py's alone
 ])
 def test_bad_arguments_exit_2_with_one_error_line(argv, words, capsys, tmp_path):
     assert bench.main(argv + ["--out_dir", str(tmp_path)] if argv else argv) == 2
@@ -42,17 +47,18 @@ def test_bad_arguments_exit_2_with_one_error_line(argv, words, capsys, tmp_path)
     assert not list(tmp_path.iterdir())                    # nothing written
 
 
-@pytest.mark.parametrize("script", ["bench.py", "study.py"])
-def test_bad_arguments_from_the_command_line_exit_2_without_traceback(script, monkeypatch, capsys):
-    """python bench.py quality ... / python study.py quality ...: the scripts' __main__ (run here, not in a new
-    interpreter: torch is imported already), bench's hand-over to study.py and its one-line error."""
-    monkeypatch.setattr(sys, "argv", [script, "quality", "--seeds", "0"])
+@pytest.mark.parametrize("script, argv", [("bench.py", ["speed", "--reps", "0"]),
+                                          ("study.py", ["quality", "--seeds", "0"])])
+def test_bad_arguments_from_the_command_line_exit_2_without_traceback(script, argv, monkeypatch, capsys):
+    """python bench.py speed ... / python study.py quality ...: the scripts' __main__ (run here, not in a new
+    interpreter: torch is imported already) and its one-line error."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit:
-        runpy.run_path(str(Path(bench.__file__).parent / script), run_name="__main__")
+        runpy.run_path(str(REPO / script), run_name="__main__")
     assert exit.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: argument --seeds")
-    assert "study.py quality --help" in err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f"error: argument {argv[1]}")
+    assert f"{script} {argv[0]} --help" in err
 
 
 def test_preset_defaults_fill_what_the_command_line_leaves_out():
@@ -150,9 +156,81 @@ def test_matched_widths_can_be_rounded_for_aligned_gemms():
     assert bench.parse_args(["speed"]).multiple_of == 1 and bench.PRESETS["gpu"]["multiple_of"] == 64
 
 
+class MoEWithAnotherName(uoe.MoEFFN):
+    """A variant that bench.py was never told about: registered in uoe.py, and nowhere else."""
+
+
+def micro_run(variant, tmp_path, **config):
+    """A bench.Run of MICRO's model with `variant`'s FFN, and its args."""
+    args = bench.parse_args(["speed", *MICRO, "--device", "cpu", "--out_dir", str(tmp_path)])
+    config = uoe.GPTConfig(**{k: getattr(args, k) for k in bench.MODEL_KEYS}, ffn=variant, **config)
+    return bench.Run(variant, "eager", config, args), args
+
+
+def test_the_ffn_pieces_of_any_registered_variant_come_from_its_class(tmp_path, monkeypatch):
+    """bench.py times what a variant's class says its parts are (FFN.parts); it never asks a name."""
+    monkeypatch.setitem(uoe.FFN_VARIANTS, "moe_again", MoEWithAnotherName)
+    run, args = micro_run("moe_again", tmp_path, n_shared=1)
+    f = bench.ffn_pieces(run, args, reps=1)
+    assert f["experts_ms"] > 0 and f["shared_ms"] > 0 and f["dense_equiv_ms"] > 0
+    assert 0 < f["shared_flop_share"] < 1 and 0 < f["experts_flop_share"] < 1
+
+
+def test_an_ffn_that_uoe_does_not_know_is_its_error_before_any_timing(tmp_path, monkeypatch):
+    """A config naming an unregistered ffn (set after the model was built) ends in uoe's ValueError before
+    anything is timed: never an AttributeError half-way, never a fallback to another variant's pieces."""
+    run, args = micro_run("dense", tmp_path)
+    run.config.ffn = "xoe"                          # the model's own config too: dataclasses are not frozen
+    timed = []
+    monkeypatch.setattr(bench, "time_call", lambda fn, device: timed.append(fn) or 1.0)
+    with pytest.raises(ValueError, match="unknown ffn 'xoe'"):
+        bench.ffn_pieces(run, args, reps=1)
+    assert timed == []
+
+
 def test_speed_measures_peak_memory_in_a_fresh_process(tmp_path):
     out = tmp_path / "s.json"
     assert bench.main(["speed", *MICRO, "--variants", "uoe", "--reps", "1", "--warmup", "1",
                        "--compile", "eager", "--device", "cpu", "--json", str(out)]) == 0
     mem = json.loads(out.read_text())["rows"][0]["peak_mem_mb"]
     assert isinstance(mem, float) and mem >= 0
+
+
+# ---- the harness: what bench.py, study.py and gpu_check.py share ---------------------------------
+
+@pytest.mark.parametrize("module, not_imported", [("bench", {"study", "gpu_check"}), ("study", {"bench", "gpu_check"}),
+                                                  ("gpu_check", {"bench", "study"})])
+def test_the_scripts_do_not_import_each_other(module, not_imported):
+    """No import circle: each script takes the shared pieces from harness.py, none from another script."""
+    code = f"import sys, {module}; print(sorted(set({sorted(not_imported)!r}) & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_json_output_is_strict_json(tmp_path):
+    """JSON has no Infinity or NaN: write_json writes a non-finite float as null, so that every JSON file the
+    project writes can be read by any JSON reader."""
+    harness.write_json(tmp_path / "x.json", {"ratio": math.inf, "rows": [{"a": -math.inf, "b": math.nan}, 1.5],
+                                              "pair": (0.25, math.nan)}, quiet=True)
+    text = (tmp_path / "x.json").read_text()
+
+    def refuse(name):
+        raise ValueError(f"{name} in {text}")
+    assert json.loads(text, parse_constant=refuse) == {"ratio": None, "rows": [{"a": None, "b": None}, 1.5],
+                                                       "pair": [0.25, None]}
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path):
+    """`python bench.py speed | head -1`: a reader that left early ends the command with 141 (128 + SIGPIPE, as
+    train.py and sample.py), without a traceback. Here the reader has left before the first line."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "bench.py", "speed", *MICRO, "--device", "cpu", "--out_dir", str(tmp_path)],
+                           cwd=REPO, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == ""

@@ -1,6 +1,10 @@
 """gpu_check.py without a GPU: a one-line refusal, the stage limits sized from a measured compile time (with a
-fake runner and clock), the timeout of a stage, and the tables it builds from bench/train output."""
+fake runner and clock), the timeout of a stage, Ctrl-C / SIGTERM and a closed output pipe (with a faked GPU), and the
+tables it builds from bench/train output."""
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,10 +22,10 @@ def test_without_a_gpu_it_exits_2_with_one_line(capsys):
     assert out == "" and err.count("\n") == 1 and err.startswith("error: no CUDA GPU")
 
 
-def test_unknown_stage_is_refused():
-    with pytest.raises(SystemExit) as e:
-        gpu_check.main(["--skip", "tests,nope"])
-    assert e.value.code == 2
+def test_unknown_stage_is_refused_in_one_line(capsys):
+    assert gpu_check.main(["--skip", "tests,nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: unknown stage(s) nope")
 
 
 def test_train_summary_skips_the_compiling_records_and_takes_medians(tmp_path):
@@ -145,16 +149,97 @@ def test_a_timeout_kills_the_whole_process_group(tmp_path):
     code, secs = gpu_check.run([sys.executable, "-c", script], 1.0, tmp_path / "log")
     assert code == "timeout" and secs < 30
     pid = int(child.read_text())
-    for _ in range(100):   # the grandchild is gone (or a zombie waiting for init to reap it)
+    assert gone(pid, timeout=5), f"process {pid} outlived the timeout"
+
+
+def gone(pid, timeout=10):
+    """Whether process pid has ended (or is a zombie waiting for its parent or init to reap it), waiting up to
+    timeout seconds for it."""
+    deadline = time.time() + timeout
+    while True:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return True
         except FileNotFoundError:
-            break
-        if state == "Z":
-            break
+            return True
+        if time.time() > deadline:
+            return False
         time.sleep(0.05)
-    else:
-        pytest.fail(f"process {pid} outlived the timeout")
+
+
+# a stage that starts a worker (as inductor does), writes both pids and sleeps; with ignore_term both ignore
+# SIGTERM, so that only the kill after the grace period ends them
+STAGE = """
+import signal, subprocess, sys, time
+if {ignore_term}:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+ignore = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " if {ignore_term} else ""
+worker = subprocess.Popen([sys.executable, "-c", ignore + "import time; time.sleep(120)"])
+open({pids!r}, "w").write(f"{{__import__('os').getpid()}} {{worker.pid}}")
+time.sleep(120)
+"""
+# gpu_check.main as on a GPU machine, its one stage the one above
+CHECK = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+import gpu_check
+torch.cuda.is_available = lambda: True
+gpu_check.environment = lambda: {{"gpu": "fake"}}
+gpu_check.measure_compile_s = lambda: 1.0
+gpu_check.stage_runs = lambda skip, out: [("tests", "tests", [sys.executable, "-c", {stage!r}], None)]
+gpu_check.STOP_GRACE_S = 1
+sys.exit(gpu_check.main(["--skip", "train", "--out_dir", {out!r}]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups")
+@pytest.mark.parametrize("signum, ignore_term", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                                 (signal.SIGTERM, True)])
+def test_ctrl_c_or_sigterm_stops_the_running_stage_before_the_check_exits(tmp_path, signum, ignore_term):
+    """The stage runs in a session of its own, so a Ctrl-C in the terminal never reaches it: gpu_check ends its
+    whole process group (SIGTERM, then SIGKILL after STOP_GRACE_S for what is left) before it exits 130 / 143."""
+    pids = tmp_path / "pids"
+    stage = STAGE.format(ignore_term=ignore_term, pids=str(pids))
+    check = subprocess.Popen([sys.executable, "-c", CHECK.format(repo=str(gpu_check.REPO), stage=stage,
+                                                                 out=str(tmp_path / "out"))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(2400):
+            if pids.exists() and len(pids.read_text().split()) == 2:
+                break
+            assert check.poll() is None, check.communicate()
+            time.sleep(0.05)
+        stage_pids = [int(pid) for pid in pids.read_text().split()]            # the stage and its worker
+        check.send_signal(signum)
+        out, err = check.communicate(timeout=60)
+        assert check.returncode == 128 + signum
+        assert err.strip() == "interrupted: the running stage was stopped; summary.md is not written"
+        assert all(gone(pid) for pid in stage_pids), "a process of the stage outlived gpu_check"
+    finally:
+        if check.poll() is None:
+            check.kill()
+            check.wait()
+        for pid in (int(p) for p in (pids.read_text().split() if pids.exists() else ())):
+            if not gone(pid, timeout=0):                                       # the test failed: clean up
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_closed_output_pipe_ends_the_check_quietly(tmp_path):
+    """`python gpu_check.py | head -1`: 141 (128 + SIGPIPE), without a traceback; its reader left before the
+    environment's first line, so no stage started."""
+    read, write = os.pipe()
+    os.close(read)
+    pids = tmp_path / "pids"
+    try:
+        r = subprocess.run([sys.executable, "-c", CHECK.format(repo=str(gpu_check.REPO), out=str(tmp_path / "out"),
+                                                               stage=STAGE.format(ignore_term=False, pids=str(pids)))],
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == "" and not pids.exists()
 
 
 def test_main_reports_every_stage_when_the_compile_measurement_fails_and_bench_times_out(tmp_path, monkeypatch):
