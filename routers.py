@@ -100,7 +100,7 @@ import torch.nn.functional as F
 import plot
 import study
 import uoe
-from bench import write_json
+from harness import write_json
 from train import UserError, help_text, option_table, parse_options, resolve_device, write_atomic
 
 SUPPORTED = ("moe", "uoe")

@@ -291,9 +291,10 @@ def test_a_random_choice_runs_with_the_gate_rule_given():
 
 @pytest.mark.parametrize("ffn", ["moe", "uoe"])
 @torch.no_grad()
-def test_with_identical_experts_every_rule_and_gate_gives_the_models_loss(ffn):
+def test_with_identical_experts_every_rule_and_gate_gives_the_models_loss(ffn, tmp_path):
     """All experts equal and gates summing to 1: whichever K experts are chosen and however they are weighted,
-    the output is the model's."""
+    the output is the model's. (uoe's equal scores choose the same experts for every token: no AUROC is defined,
+    and the markdown of the strict JSON says n/a.)"""
     model = model_of(3, ffn=ffn)
     for block in model.transformer.h:
         for w in (block.mlp.w_gate, block.mlp.w_up, block.mlp.w_down):
@@ -306,6 +307,11 @@ def test_with_identical_experts_every_rule_and_gate_gives_the_models_loss(ffn):
         for rules in by_gate.values():
             for v in rules.values():
                 assert v["loss"] == pytest.approx(r["own_loss"], abs=1e-5)
+    r["identity"] = dict(step=0, seed=3)
+    protocol = dict(level=0.95, alpha=0.05, family=routers.adjust([r]), val_windows=2, resamples=200)
+    routers.write_json(tmp_path / "r.json", dict(protocol=protocol, runs=[r]), quiet=True)
+    text = routers.markdown(json.loads((tmp_path / "r.json").read_text()))
+    assert ("| n/a | n/a [n/a, n/a] |" in text) == (ffn == "uoe")
 
 
 # -----------------------------------------------------------------------------
