@@ -92,7 +92,7 @@ class FFN(nn.Module):
       init     how GPT.reset_parameters starts each of its parameters, by name: "normal" N(0, 0.02),
                "residual" N(0, 0.02 / sqrt(2 n_layer)) for weights that write into the residual stream,
                "fan_in" N(0, 1 / sqrt(shape[1])); a parameter missing here is an error, never a default;
-    and defines accounting(config) (§5) and label(config); a routed variant also parts(x), for bench.py."""
+    and defines accounting(config) (§5), label(config) and parts(x) (its pieces, for bench.py)."""
     routed = False
     options = ()
     init = {}
@@ -110,9 +110,9 @@ class FFN(nn.Module):
         raise NotImplementedError
 
     def parts(self, x):
-        """For bench.py (routed variants): the layer's work after scoring, each part a callable on inputs of
-        its own (leaves, so backward stops there): "experts", the chosen experts on the choice this layer
-        makes for x (N, C); "shared", its always-on part where it has one. Call under the autocast to time."""
+        """For bench.py: the layer's work after scoring, each part a callable on inputs of its own (leaves,
+        so backward stops there): "experts", the chosen experts on the choice this layer makes for x (N, C),
+        where it routes; "shared", its always-on part where it has one. Call under the autocast to time."""
         raise NotImplementedError
 
     def choice_for_timing(self, x):
