@@ -1,21 +1,27 @@
-"""Tests for study.py: arguments, the statistics on known numbers, run identity, held-out selection, the
-claim on a run in progress, resuming a killed run, and tiny end-to-end studies (train.py's main() in this
-process; real subprocesses in two)."""
+"""Tests for study.py: arguments and declared designs, the statistics on known numbers (t, p, Holm), run
+identity, the selection and report halves of val.bin, the results JSON, the report (every number read back from
+the JSON it is made of, --write and --check), the claim on a run in progress, resuming a killed run, and tiny
+end-to-end studies (train.py's main() in this process; real subprocesses in two)."""
 
 import contextlib
 import dataclasses
 import errno
 import io
 import json
+import math
 import os
+import random
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import harness
@@ -26,19 +32,18 @@ import uoe
 MICRO = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "8", "--batch_size", "2",
          "--n_expert", "4", "--top_k", "2", "--expert_hidden", "16", "--steps", "3", "--seeds", "2",
          "--warmup_steps", "1", "--eval_interval", "2", "--eval_iters", "1", "--log_interval", "1", "--jobs", "1",
-         "--plot", "off", "--device", "cpu"]
-FINGERPRINT = dict(code_sha256="c" * 64, data_sha256="d" * 64, torch="2.x")
+         "--device", "cpu"]
+FINGERPRINT = dict(code_sha256="c" * 64, torch="2.x", cpu="a CPU", data_sha256=dict(select="d" * 64, report="e" * 64))
 
 
 def micro_run(micro):
-    """(args of a micro `balance` command, the spec of its UoE run at lr 1e-3, seed 0)."""
+    """(args of a micro `balance` command, with its corpus halves prepared, the spec of its UoE run at lr 1e-3,
+    seed 0)."""
     args = study.parse_args(["balance", *micro])
-    args.fingerprint = FINGERPRINT
-    return args, study.run_spec("uoe", uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
-                                1e-3, 0, args)
+    return args, study.run_spec("uoe", study.prepare(args), 1e-3, 0, args)
 
 
-# ---- arguments ---------------------------------------------------------------------------------
+# ---- arguments and declared designs ------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, words", [
     ([], "no command"),
@@ -51,31 +56,49 @@ def micro_run(micro):
     (["ablate", "--lr", "-1"], "--lr"),
     (["ablate", "--ablations", "no_vse,no_brain"], "no_brain"),
     (["balance", "--aux", "-0.1"], "--aux"),
-    (["report", "--presets", "cpu,huge"], "huge"),
-    (["report"], "run python study.py quality --preset cpu first"),
+    (["report", "--write", "--check"], "not allowed with"),
 ])
 def test_bad_arguments_exit_2_with_one_error_line(argv, words, capsys, tmp_path):
-    assert study.main(argv + ["--out_dir", str(tmp_path)] if argv else argv) == 2
+    where = ["--results_dir", str(tmp_path)] if argv[:1] == ["report"] else ["--out_dir", str(tmp_path)]
+    assert study.main(argv + where if argv else argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
     assert not list(tmp_path.iterdir())                    # nothing written
 
 
-def test_presets_and_defaults():
-    q = study.parse_args(["quality", "--seeds", "4", "--lrs", "1e-3,3e-3,1e-3", "--json", "x.json"])
-    assert q.seeds == 4 and q.lrs == [1e-3, 3e-3] and q.json == "x.json" and q.sweep_seeds == 1
-    assert q.steps == 500 and q.n_embd == 64 and q.compile == "eager" and q.jobs == 2 and q.threads == 1
+def test_the_declared_designs_are_the_protocol(tmp_path):
+    out = ["--out_dir", str(tmp_path), "--results_dir", str(tmp_path / "results")]
+    q = study.parse_args(["quality", *out])
+    assert q.exploratory == {} and q.json == str(tmp_path / "results" / "quality_cpu.json")
+    assert (q.seeds, q.sweep_seeds, q.lrs) == (8, 2, [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])
     assert q.variants == ["dense", "moe", "moe+shared", "aoe", "uoe"] and q.dataset == "pystdlib_char"
-    t = study.parse_args(["quality", "--preset", "train"])            # python train.py's own model and length
+    assert q.steps == 500 and q.n_embd == 64 and q.compile == "eager" and q.jobs == 2 and q.threads == 1
+    assert q.device == "cpu"
+    t = study.parse_args(["quality", "--preset", "train", *out])            # python train.py's own model and length
     model, recipe = uoe.GPTConfig(), train.TrainConfig()
     assert (t.n_layer, t.n_embd, t.block_size, t.n_expert, t.top_k, t.expert_hidden) == (4, 128, 256, 8, 2, 256) == \
         (model.n_layer, model.n_embd, model.block_size, model.n_expert, model.top_k, model.expert_hidden)
-    assert (t.steps, t.batch_size) == (recipe.max_iters, recipe.batch_size) == (1000, 16) and t.seeds >= 5
-    assert t.variants == ["dense", "moe", "moe+shared", "uoe"] and t.json == str(Path("bench_out/quality_train.json"))
-    a = study.parse_args(["ablate"])
-    assert a.lr is None and a.ablations == list(study.ABLATIONS) and a.seeds >= 5
-    assert study.parse_args(["balance"]).aux == [0.0, 0.01]
-    assert study.parse_args(["report"]).presets == ["cpu", "train"]
+    assert (t.steps, t.batch_size) == (recipe.max_iters, recipe.batch_size) == (1000, 16)
+    assert (t.seeds, t.sweep_seeds, t.lrs) == (5, 2, [2e-3, 4e-3, 8e-3, 1.6e-2]) and t.exploratory == {}
+    assert t.variants == ["dense", "moe", "moe+shared", "uoe"]
+    a = study.parse_args(["ablate", *out])
+    assert a.lr is None and a.variants == list(study.ABLATIONS) and (a.seeds, a.sweep_seeds) == (5, 2)
+    assert a.lrs == q.lrs and a.exploratory == {}
+    b = study.parse_args(["balance", *out])
+    assert b.aux == [0.0, 0.01] and b.variants == ["moe", "uoe"] and b.seeds == q.seeds and b.exploratory == {}
+    assert study.parse_args(["quality", "--jobs", "1", "--seeds", "8", *out]).exploratory == {}    # changes nothing
+
+
+def test_a_declared_design_cannot_be_extended_only_left_for_an_exploratory_one(tmp_path):
+    """--seeds 7 on the train budget is not the declared design with 2 more seeds: it is an exploratory command,
+    with its own results file (under OUT_DIR unless --results_dir), which every table of it names as such."""
+    t = study.parse_args(["quality", "--preset", "train", "--seeds", "7", "--out_dir", str(tmp_path)])
+    assert t.exploratory == {"seeds": 7} and t.json == str(tmp_path / "results" / "quality_train-exploratory.json")
+    s = study.parse_args(["quality", "--lrs", "1e-3,2e-3", "--steps", "10", "--out_dir", str(tmp_path)])
+    assert s.exploratory == {"lrs": [1e-3, 2e-3], "steps": 10} and s.json.endswith("quality_cpu-exploratory.json")
+    g = study.parse_args(["ablate", "--preset", "train", "--out_dir", str(tmp_path)])    # no declared design
+    assert "no declared design" in g.exploratory["design"]
+    assert not (tmp_path / "results" / "quality_train.json").exists()
 
 
 # ---- statistics --------------------------------------------------------------------------------
@@ -87,30 +110,50 @@ def test_t_quantiles_match_the_tables():
     assert study.betainc(1, 1, 0.3) == pytest.approx(0.3) and study.betainc(2.5, 2.5, 0.5) == pytest.approx(0.5)
 
 
-def test_paired_difference_interval_and_verdict_on_known_numbers():
+def test_paired_difference_interval_and_p_value_on_known_numbers():
     a = {0: 2.0, 1: 2.2, 2: 2.1}
     b = {0: 2.1, 1: 2.4, 2: 2.1, 3: 9.9}            # seed 3 has no partner: left out
     d = study.paired_difference(a, b)
     se = 0.1 / 3 ** 0.5
     assert d["n"] == 3 and d["mean"] == pytest.approx(-0.1) and d["std"] == pytest.approx(0.1)
     assert d["se"] == pytest.approx(se) and d["ci"] == pytest.approx([-0.1 - 4.3027 * se, -0.1 + 4.3027 * se], abs=1e-4)
-    # -0.1 is 1.7 SE: with 3 seeds the interval (t = 4.30) includes 0, so not decisive
-    assert study.verdict(d, "uoe", "moe").startswith("not decisive") and "uoe ahead by 0.1000" in study.verdict(d)
-    # 2.5 SE at 3 seeds: beyond the old 2-SE rule, still inside t(2)'s interval
-    d = dict(mean=-0.05, se=0.02, ci=[-0.05 - 4.303 * 0.02, -0.05 + 4.303 * 0.02], n=3)
-    assert study.verdict(d).startswith("not decisive")
-    d = study.paired_difference({s: 2.0 + s / 100 for s in range(5)}, {s: 2.1 + s / 99 for s in range(5)})
-    assert d["ci"][1] < 0 and study.verdict(d, "uoe", "moe").startswith("decisive: uoe is better")
+    # df = 2 has a closed form: P(|T| > t) = 1 - t / sqrt(2 + t^2)
+    t = 0.1 / se
+    assert d["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
+    d = study.paired_difference({0: 3.0, 1: 4.0, 2: 5.0}, {0: 2.0, 1: 2.0, 2: 2.0})
+    assert d["p"] == pytest.approx(1 - 2 * 3 ** 0.5 / math.sqrt(14), rel=1e-9)         # t = 2 / (1 / sqrt 3)
+    for df, t in ((4, 2.776), (9, 2.262)):                              # the two-sided p at the 97.5% quantile
+        diffs = {s: x for s, x in enumerate(np.linspace(-1, 1, df + 1))}
+        m, sd = study.mean_std(list(diffs.values()))
+        shifted = {s: x - m + t * sd / math.sqrt(df + 1) for s, x in diffs.items()}
+        assert study.paired_difference(shifted, {s: 0.0 for s in diffs})["p"] == pytest.approx(0.05, abs=2e-4)
+    assert study.paired_difference({0: 1.0, 1: 2.0}, {0: 0.0, 1: 1.0})["p"] == 0.0     # every difference the same
+    assert study.paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})["p"] == 1.0
     assert study.paired_difference({0: 1.0, 1: None}, {0: 0.5, 1: 0.7}) == \
-        dict(mean=0.5, std=0.0, se=None, ci=None, n=1)
-    assert study.verdict(dict(mean=0.5, se=None, ci=None, n=1)) == "one pair: no interval"
+        dict(mean=0.5, std=0.0, se=None, ci=None, p=None, n=1)
     assert study.paired_difference({}, {0: 1.0})["n"] == 0
 
 
-def test_best_lr_gap_curve_and_ent_load_summary_on_known_numbers():
-    assert study.best_lr({1e-3: 2.0, 2e-3: 1.9, 4e-3: None}) == 2e-3        # None = diverged
-    assert study.best_lr({1e-3: 1.9, 2e-3: 1.9}) == 1e-3                     # a tie: the smaller rate
-    assert study.best_lr({1e-3: None, 2e-3: float("nan")}) is None
+def test_holm_adjusts_known_p_values_and_the_verdict_follows_it():
+    # R: p.adjust(c(0.01, 0.04, 0.03, 0.005), "holm") = 0.03 0.06 0.06 0.02
+    assert study.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert study.holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]   # None is not counted
+    assert study.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])                                # capped at 1
+    row = dict(a="uoe", b="moe", mean=-0.02, ci=[-0.03, -0.01], holm=0.06)
+    assert study.verdict(row) == "not decisive" and study.raw_verdict(row) == "excludes 0"
+    assert study.verdict(dict(row, holm=0.049)) == "decisive: uoe is better"
+    assert study.verdict(dict(row, mean=0.02, holm=0.001)) == "decisive: moe is better"
+    assert study.verdict(dict(row, holm=None)).startswith("no verdict")
+
+
+def test_flags_gap_curve_and_ent_load_summary_on_known_numbers():
+    evals = [[0, 0, 4.0, 4.0], [10, 100, 3.0, 3.0], [20, 200, 2.0, 2.0], [30, 300, 2.0, 2.07]]
+    assert study.run_flags(evals) == dict(spike=[], stall=pytest.approx(0.07))
+    evals[2][3] = 3.2                                                      # +0.2 over the previous eval
+    flags = study.run_flags(evals)
+    assert [s for s, _ in flags["spike"]] == [20] and flags["spike"][0][1] == pytest.approx(0.2)
+    assert flags["stall"] is None                                          # the final is the best eval
+    assert study.run_flags([[0, 0, 4.0, 4.0], [10, 100, 3.0, 3.04]]) == dict(spike=[], stall=None)
     a = {0: [[0, 0, 9, 3.0], [10, 100, 9, 2.0]], 1: [[0, 0, 9, 3.0], [10, 100, 9, 2.2]]}
     b = {0: [[0, 0, 9, 3.0], [10, 100, 9, 2.1]], 1: [[0, 0, 9, 3.0], [10, 100, 9, 2.5]]}
     g = study.gap_curve(a, b)
@@ -123,38 +166,94 @@ def test_best_lr_gap_curve_and_ent_load_summary_on_known_numbers():
     assert s[1]["ent_load"] == 2.0 and len(s) == 2
 
 
-def test_balance_gives_max_over_min_as_a_ratio_of_means_never_infinity(micro, tmp_path, monkeypatch, capsys):
-    """A row's max / min load is its mean max load over its mean min load (a mean of per-seed ratios is ruled by
-    the seed with the emptiest expert: 1253 where the means give 117, and inf when an expert got no tokens in one
-    seed, which the JSON then held as Infinity); a row whose least-loaded expert got none in every seed says "no
-    tokens". Routing made up per seed: [max load, min load]."""
-    loads = {("moe", 0.0): [[0.5, 0.01], [0.4, 0.0]], ("uoe", 0.0): [[0.6, 0.0], [0.5, 0.0]],
-             ("moe", 0.01): [[0.3, 0.2], [0.3, 0.1]], ("uoe", 0.01): [[0.2, 0.1], [0.2, 0.1]]}
+# ---- a results JSON made up run by run, through the study's own plan and ledger ---------------------------
 
-    def made_up_runs(specs, args, progress=None):
-        return {s["dir"]: dict(final_val=2.0, routing=[[args.steps, [1.0], [loads[key][s["seed"]][0]],
-                                                        [loads[key][s["seed"]][1]]]])
-                for key, ss in specs.items() for s in ss}
-    monkeypatch.setattr(study, "run_specs", made_up_runs)
-    assert study.main(["balance", *micro, "--lr", "1e-3"]) == 0
-    text = (tmp_path / "balance_cpu.json").read_text()
+CORPUS = dict(dataset="pystdlib_char", vocab_size=97, diverged_loss=math.log(97), train_tokens=10_000_000,
+              val_tokens=1200, source_sha256="s" * 64,
+              splits=dict(select=dict(dataset="pystdlib_char-select", val_tokens=600, val_range=[0, 600],
+                                      data_sha256="d" * 64),
+                          report=dict(dataset="pystdlib_char-report", val_tokens=600, val_range=[600, 1200],
+                                      data_sha256="e" * 64)))
 
-    def refuse(name):
-        raise ValueError(f"{name} is not JSON")
-    rows = json.loads(text, parse_constant=refuse)["rows"]
-    ratio = {(r["variant"], r["aux_loss_coef"]): r["max_over_min"] for r in rows}
-    assert ratio[("moe", 0.0)] == pytest.approx(0.45 / 0.005) and ratio[("uoe", 0.0)] is None
-    assert ratio[("moe", 0.01)] == pytest.approx(0.3 / 0.15) and ratio[("uoe", 0.01)] == pytest.approx(2.0)
-    rows = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| moe |") or line.startswith("| uoe |")}
-    assert rows[("| moe", "0")][6] == "90.0" and rows[("| uoe", "0")][6] == "no tokens"
-    assert rows[("| moe", "0.01")][6] == "2.0"
+
+def made_up_doc(tmp_path, value, command="quality", preset="cpu", extra=(), drop=lambda e: False):
+    """A results JSON as `command` writes it, with every run the protocol plans made up: final val loss
+    value(label, role, lr, seed, threads) (None: the run diverged); runs for which drop(entry) is true are left
+    out. Written to tmp_path/results/<name>.json; returns (the JSON, its path)."""
+    args = study.parse_args([command, "--preset", preset, "--out_dir", str(tmp_path), "--results_dir",
+                             str(tmp_path / "results"), *extra])
+    args.fingerprint, args.corpus = FINGERPRINT, CORPUS
+    base = uoe.GPTConfig(vocab_size=97, ffn="uoe", **{k: getattr(args, k) for k in study.MODEL_KEYS})
+    if command == "ablate":
+        configs = {a: study.ablation_config(base, a) for a in args.variants}
+        sizes = {a: dict(study.describe(c, base), changes={k: getattr(c, k) for k in study.ABLATIONS[a]})
+                 for a, c in configs.items()}
+    else:
+        configs = study.variant_configs(base, args.variants)
+        sizes = {v: study.describe(c, base) for v, c in configs.items()}
+        configs.update({f"{v}:aux{c:g}": dataclasses.replace(configs[v], aux_loss_coef=c)
+                        for c in getattr(args, "aux", None) or [] for v in args.variants})
+    doc = study.new_doc(args, base, sizes)
+    ledger, size = study.Ledger(args.json, doc), None
+    while True:
+        entries, _ = study.plan(doc, study.index_runs(doc))
+        if len(entries) == size:
+            break
+        size = len(entries)
+        for e in entries:
+            if drop(e):
+                continue
+            spec = study.run_spec(e["label"], configs[e["label"]], e["lr"], e["seed"], args, e["role"])
+            x = value(e["label"], e["role"], e["lr"], e["seed"], e["threads"])
+            evals = [[0, 0, 4.6, 4.6], [250, 512_000, 2.6, 2.6]]
+            evals += [] if x is None else [[500, 1_024_000, x + 0.01, x]]
+            routing = [[500, [1.9, 1.3], [0.25, 0.45], [0.03, 0.004 * (e["seed"] % 2)]]]
+            result = dict(final_val=x, final_train=None if x is None else x + 0.01, evals=evals, diverged=x is None,
+                          seconds=40.0 + e["seed"], routing=routing)
+            for role in [e["role"], *e["also"]]:
+                ledger.add(dict(spec, role=role), result, write=False)
+    ledger.write()
+    return json.loads(Path(args.json).read_text()), Path(args.json)
+
+
+BEST = {"dense": 8e-3, "moe": 4e-3, "moe+shared": 8e-3, "aoe": 4e-3, "uoe": 4e-3}
+OFFSET = {"dense": 0.004, "moe": 0.012, "moe+shared": 0.06, "aoe": 0.03, "uoe": 0.0}
+
+
+def quality_value(label, role, lr, seed, threads):
+    """Made-up final losses: a bowl in log2(lr) around each variant's best rate, an offset per variant and
+    noise per seed."""
+    v = label.split(":")[0]                                               # balance's arms: moe:aux0 ...
+    noise = random.Random(f"{label}/{seed}").gauss(0, 0.02)
+    x = 2.0 + OFFSET[v] + 0.03 * math.log2(lr / BEST[v]) ** 2 + noise
+    return x + (1e-6 if threads == study.MACHINE_THREADS else 0.0)
+
+
+def test_the_selection_takes_the_lowest_mean_a_diverged_sweep_run_makes_it_infinite_and_flags_the_edge(tmp_path):
+    def value(label, role, lr, seed, threads):
+        if role == "sweep" and label == "moe" and lr == 4e-3 and seed == 1001:
+            return None                                          # diverged: moe's best rate is out
+        if role == "sweep" and label == "uoe":                   # a tie: the smaller rate
+            return {2e-3: 1.9, 4e-3: 1.9}.get(lr, 2.5)
+        return quality_value(label, role, lr, seed, threads)
+    doc, _ = made_up_doc(tmp_path, value, extra=["--variants", "moe,uoe"])
+    runs = study.index_runs(doc)
+    moe, uo = study.selection(doc, runs, "moe"), study.selection(doc, runs, "uoe")
+    assert moe["values"][4e-3][1001] == math.inf and moe["means"][4e-3] == math.inf and moe["lr"] in (2e-3, 8e-3)
+    assert uo["lr"] == 2e-3 and not uo["edge"]
+    assert study.selection(doc, runs, "moe")["means"][2e-3] == pytest.approx(
+        (runs[("moe", 2e-3, 1000, "select", 1)]["final_val"] + runs[("moe", 2e-3, 1001, "select", 1)]["final_val"]) / 2)
+    edge, _ = made_up_doc(tmp_path / "edge", lambda label, role, lr, seed, threads: 3.0 - lr,
+                          extra=["--variants", "moe,uoe"])
+    s = study.selection(edge, study.index_runs(edge), "uoe")
+    assert s["lr"] == 1.6e-2 and s["edge"]
+    assert study.selection(doc, {}, "uoe")["lr"] is None                    # no sweep run yet: no choice
 
 
 # ---- run identity ------------------------------------------------------------------------------
 
-def test_runs_are_paired_and_identified_by_options_role_code_and_data(tmp_path):
-    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--device", "cpu"])
+def test_runs_are_paired_and_identified_by_options_role_threads_machine_code_and_data(tmp_path):
+    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--results_dir", str(tmp_path)])
     args.fingerprint = FINGERPRINT
     base = uoe.GPTConfig(vocab_size=97, **{k: getattr(args, k) for k in study.MODEL_KEYS})
     configs = study.variant_configs(base, ["dense", "moe", "moe+shared", "uoe"])
@@ -168,16 +267,28 @@ def test_runs_are_paired_and_identified_by_options_role_code_and_data(tmp_path):
         rest = {k: v for k, v in s["options"].items() if k not in skip}
         assert rest == {k: v for k, v in specs[0]["options"].items() if k not in skip}
         assert rest["seed"] == 1 and s["options"]["min_lr"] == pytest.approx(s["options"]["learning_rate"] / 10)
+        assert s["identity"]["threads"] == 1 and s["identity"]["cpu"] == "a CPU" and s["threads"] == 1
         cmd = study.train_command(s)
         assert cmd[1].endswith("train.py") and "--seed=1" in cmd and f"--ffn={s['options']['ffn']!r}" in cmd
+        assert "--dataset='pystdlib_char-report'" in cmd and f"--data_dir={str(tmp_path.resolve() / 'data')!r}" in cmd
     assert len({s["dir"] for s in specs}) == 4
     uoe_run = specs[3]
+    assert "data_dir" not in uoe_run["options"]                         # where the files lie: not the run's identity
     assert study.run_spec("other label", configs["uoe"], 4e-3, 1, args)["dir"] == uoe_run["dir"]   # reused
+    assert study.run_spec("uoe", configs["uoe"], 4e-3, 1, args, "common-lr")["dir"] == uoe_run["dir"]
     assert study.run_spec("uoe", configs["uoe"], 4e-3, 2, args)["dir"] != uoe_run["dir"]
     sweep = study.run_spec("uoe", configs["uoe"], 4e-3, 1, args, "sweep")      # never a reported run, even at
-    assert sweep["dir"] != uoe_run["dir"] and sweep["dir"].endswith(sweep["dir"][-10:])   # the same seed
-    for change in (dict(code_sha256="e" * 64), dict(data_sha256="f" * 64), dict(torch="9.9")):
-        args.fingerprint = dict(FINGERPRINT, **change)                   # other code, corpus or torch: rerun
+    assert sweep["dir"] != uoe_run["dir"] and sweep["options"]["dataset"] == "pystdlib_char-select"   # the same seed
+    assert sweep["identity"]["data_sha256"] == "d" * 64 and uoe_run["identity"]["data_sha256"] == "e" * 64
+    machine = study.run_spec("uoe", configs["uoe"], 4e-3, 1, args, "machine")   # the same run on 2 threads
+    assert machine["threads"] == machine["identity"]["threads"] == 2 and machine["options"] == uoe_run["options"]
+    assert machine["dir"] != uoe_run["dir"] and "-t2-" in Path(machine["dir"]).name
+    args.threads = 3                                                       # another thread count: rerun
+    assert study.run_spec("uoe", configs["uoe"], 4e-3, 1, args)["dir"] != uoe_run["dir"]
+    args.threads = 1
+    for change in (dict(code_sha256="e" * 64), dict(data_sha256=dict(select="d" * 64, report="f" * 64)),
+                   dict(torch="9.9"), dict(cpu="another CPU")):
+        args.fingerprint = dict(FINGERPRINT, **change)          # other code, corpus, torch or CPU: rerun
         assert study.run_spec("uoe", configs["uoe"], 4e-3, 1, args)["dir"] != uoe_run["dir"]
     abl = {a: study.ablation_config(base, a) for a in study.ABLATIONS}
     assert abl["uoe"] == base and abl["no_vse"].vse is False and abl["norm_inf"].route_norm == "inf"
@@ -185,10 +296,20 @@ def test_runs_are_paired_and_identified_by_options_role_code_and_data(tmp_path):
     assert abl["n_routing_double"].n_routing == 2 * base.n_routing
 
 
+def test_the_run_identity_holds_threads_and_the_cpu_of_this_machine(tmp_path, data):
+    args = study.parse_args(["balance", *MICRO, "--data_dir", str(data), "--dataset", "tiny", "--out_dir",
+                             str(tmp_path)])
+    spec = study.run_spec("uoe", study.prepare(args), 1e-3, 0, args)
+    assert spec["identity"]["cpu"] == harness.cpu_name() and spec["identity"]["threads"] == 1
+    assert spec["identity"]["torch"] == study.torch.__version__
+    assert study.run_env(spec)["OMP_NUM_THREADS"] == "1"
+    assert study.run_env(dict(spec, threads=2))["OMP_NUM_THREADS"] == "2"
+
+
 def test_the_checkpoint_interval_is_not_part_of_a_runs_identity(tmp_path):
     """Resume is exact, so where a run was checkpointed cannot change it: ckpt_interval is given to train.py
     but kept out of the options that identify the run."""
-    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--device", "cpu"])
+    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--results_dir", str(tmp_path)])
     args.fingerprint = FINGERPRINT
     spec = study.run_spec("uoe", uoe.GPTConfig(vocab_size=97, **{k: getattr(args, k) for k in study.MODEL_KEYS}),
                           1e-3, 0, args)
@@ -202,28 +323,32 @@ def test_the_checkpoint_interval_is_not_part_of_a_runs_identity(tmp_path):
 
 
 def test_the_identity_of_a_run_is_pinned(tmp_path):
-    """A run's folder name holds a hash of its identity (options, role, fingerprints): a change to how it is
-    computed (recipe, run_spec, variant_configs, the presets) would make every finished run of a study in progress
-    unfindable, and rerun. These names were computed with the code of commit 8be963b, which made the runs of the
-    study of that time; change them only knowingly, with every study's runs to be made again."""
-    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--device", "cpu", "--data_dir", "/data"])
+    """A run's folder name holds a hash of its identity (options, role, threads, CPU, fingerprints): a change to how
+    it is computed (recipe, run_spec, variant_configs, the presets) would make every finished run of a study in
+    progress unfindable, and rerun. These names were computed with the code of the commit that scored runs on the
+    halves of val.bin and put the thread count and the CPU into the identity (issue 26's declared protocol, before
+    any of its runs; uoe.match_config already gave the other variants n_routing's default); change them only
+    knowingly, with every study's runs to be made again."""
+    args = study.parse_args(["quality", "--out_dir", str(tmp_path), "--results_dir", str(tmp_path)])
     args.fingerprint = FINGERPRINT
     base = uoe.GPTConfig(vocab_size=97, **{k: getattr(args, k) for k in study.MODEL_KEYS})
     configs = study.variant_configs(base, list(study.VARIANTS))
     names = {v: Path(study.run_spec(v, c, 4e-3, 0, args)["dir"]).name for v, c in configs.items()}
-    assert names == {"dense": "dense-D352-lr0.004-s0-75c0630552", "moe": "moe-D175-lr0.004-s0-f97f996bf3",
-                     "moe+shared": "moe-D116-lr0.004-s0-a7a4551bcd", "aoe": "aoe-D191-lr0.004-s0-0deb04f16f",
-                     "uoe": "uoe-D128-lr0.004-s0-389080416c"}
+    assert names == {"dense": "dense-D352-lr0.004-s0-4c8aca5742", "moe": "moe-D175-lr0.004-s0-89b3a10e1c",
+                     "moe+shared": "moe-D116-lr0.004-s0-c622defd99", "aoe": "aoe-D191-lr0.004-s0-a63af30757",
+                     "uoe": "uoe-D128-lr0.004-s0-690eb228b1"}
     assert Path(study.run_spec("uoe", configs["uoe"], 1e-3, 1000, args, "sweep")["dir"]).name == \
-        "uoe-D128-lr0.001-s1000-sweep-c6c5c74501"
+        "uoe-D128-lr0.001-s1000-sweep-d504dae177"
+    assert Path(study.run_spec("uoe", configs["uoe"], 4e-3, 0, args, "machine")["dir"]).name == \
+        "uoe-D128-lr0.004-s0-t2-27f59d2f6d"
     assert Path(study.run_spec("x", study.ablation_config(base, "n_routing_half"), 4e-3, 0, args)["dir"]).name == \
-        "uoe-D128-lr0.004-s0-1986cc11d8"
-    args = study.parse_args(["quality", "--preset", "train", "--out_dir", str(tmp_path), "--device", "cpu",
-                             "--data_dir", "/data"])
+        "uoe-D128-lr0.004-s0-d5dc9e6eda"
+    args = study.parse_args(["quality", "--preset", "train", "--out_dir", str(tmp_path), "--results_dir",
+                             str(tmp_path)])
     args.fingerprint = FINGERPRINT
     base = uoe.GPTConfig(vocab_size=97, **{k: getattr(args, k) for k in study.MODEL_KEYS})
     moe = study.variant_configs(base, ["moe"])["moe"]
-    assert Path(study.run_spec("moe", moe, 2e-3, 3, args)["dir"]).name == "moe-D351-lr0.002-s3-2d799b9e40"
+    assert Path(study.run_spec("moe", moe, 2e-3, 3, args)["dir"]).name == "moe-D351-lr0.002-s3-9aa5766fb3"
 
 
 def change_first_token(path):
@@ -233,16 +358,44 @@ def change_first_token(path):
         f.write(b"\1\0" if first == b"\0\0" else b"\0\0")
 
 
-def test_the_fingerprint_is_of_the_code_and_the_corpus(tmp_path, data, monkeypatch):
+def test_the_fingerprints_are_of_the_code_and_the_corpus(tmp_path, data, monkeypatch):
     shutil.copytree(data / "tiny", tmp_path / "tiny")
-    f = study.fingerprint(tmp_path / "tiny")
-    assert f == study.fingerprint(data / "tiny") and len(f["code_sha256"]) == len(f["data_sha256"]) == 64
+    f = study.corpus_sha256(tmp_path / "tiny")
+    assert f == study.corpus_sha256(data / "tiny") and len(f) == 64
     change_first_token(tmp_path / "tiny" / "val.bin")                    # another corpus
-    assert study.fingerprint(tmp_path / "tiny")["data_sha256"] != f["data_sha256"]
+    assert study.corpus_sha256(tmp_path / "tiny") != f
+    code = study.code_fingerprint()
+    assert len(code["code_sha256"]) == 64 and code["cpu"] == harness.cpu_name() and "gpu" not in code
     (tmp_path / "uoe.py").write_text("# other code\n")
     monkeypatch.setattr(study, "REPO", tmp_path)
     monkeypatch.setattr(study, "CODE_FILES", ("uoe.py",))
-    assert study.fingerprint(data / "tiny")["code_sha256"] != f["code_sha256"]
+    assert study.code_fingerprint()["code_sha256"] != code["code_sha256"]
+
+
+# ---- the selection and report halves of val.bin ------------------------------------------------------------
+
+def test_val_bin_is_split_into_disjoint_selection_and_report_halves(tmp_path, data):
+    args = study.parse_args(["quality", *MICRO, "--data_dir", str(data), "--dataset", "tiny", "--out_dir",
+                             str(tmp_path)])
+    study.prepare(args)
+    val = np.fromfile(data / "tiny" / "val.bin", dtype=np.uint16)
+    meta = json.loads((data / "tiny" / "meta.json").read_text())
+    halves = {}
+    for split in study.SPLITS:
+        folder = tmp_path / "data" / f"tiny-{split}"
+        halves[split] = np.fromfile(folder / "val.bin", dtype=np.uint16)
+        assert (folder / "train.bin").read_bytes() == (data / "tiny" / "train.bin").read_bytes()
+        m = json.loads((folder / "meta.json").read_text())
+        assert m["val_tokens"] == len(halves[split]) and m["vocab_size"] == meta["vocab_size"]
+        assert m["itos"] == meta["itos"] and "source_sha256" not in m and split in m["note"]
+        assert args.corpus["splits"][split]["data_sha256"] == study.corpus_sha256(folder)
+        assert args.fingerprint["data_sha256"][split] == study.corpus_sha256(folder)
+    assert len(halves["select"]) == len(val) // 2 and len(halves["report"]) == len(val) - len(val) // 2
+    assert np.array_equal(np.concatenate([halves["select"], halves["report"]]), val)    # disjoint, and all of it
+    assert args.corpus["diverged_loss"] == pytest.approx(math.log(meta["vocab_size"]))
+    before = (tmp_path / "data" / "tiny-select" / "meta.json").stat().st_mtime_ns
+    study.prepare(args)                                                   # as it is: left alone
+    assert (tmp_path / "data" / "tiny-select" / "meta.json").stat().st_mtime_ns == before
 
 
 # ---- end to end (train.py in this process) -----------------------------------------------------
@@ -280,78 +433,88 @@ def calls():
     return out
 
 
-def test_the_study_selects_on_held_out_seeds_and_reports_fresh_runs(micro, tmp_path, capsys):
-    """quality, then ablate and balance on its lr and its reported runs, then the report."""
-    argv = ["quality", *micro, "--variants", "moe,uoe", "--lrs", "1e-3,2e-3"]
+RECORD_KEYS = {"label", "role", "also", "lr", "seed", "split", "threads", "options", "code_sha256", "data_sha256",
+               "torch", "cpu", "final_train", "final_val", "evals", "diverged", "flags", "seconds", "run"}
+
+
+def test_a_tiny_study_selects_on_held_out_seeds_and_tokens_and_writes_every_run_to_its_results_json(micro, tmp_path,
+                                                                                                    capsys):
+    """quality (an exploratory tiny one), then ablate and balance, which reuse its sweep and its runs, then the
+    report from the results JSON alone."""
+    argv = ["quality", *micro, "--variants", "moe,uoe", "--lrs", "1e-3,2e-3", "--results_dir", str(tmp_path / "res")]
     assert study.main(argv) == 0
-    res = json.loads((tmp_path / "quality_cpu.json").read_text())
-    assert len(calls()) == 2 * (2 * 1 + 2)                  # per variant: 2 lrs on sweep seed 1000, 2 seeds
-    reported, swept = set(), set()
-    for v, r in res["variants"].items():
-        assert set(r["sweep"]) == {"0.001", "0.002"} and r["best_lr"] in (1e-3, 2e-3)
-        assert set(r["val_per_seed"]) == {"0", "1"} and r["val_std"] >= 0 and res["sweep_seeds"] == [1000]
-        assert [e[0] for e in r["curves"]["0"]] == [0, 2, 3]
-        reported |= set(r["runs"])
-        swept |= set(r["sweep_runs"])
-    assert len(reported) == 4 and len(swept) == 4 and not reported & swept     # no reported run is a sweep run
-    for name in reported | swept:
-        result = json.loads((tmp_path / "runs" / name / "result.json").read_text())
-        assert (result["identity"]["role"] == "sweep") == (name in swept)
-        assert (result["seed"] >= 1000) == (name in swept)
-        assert result["identity"]["options"]["learning_rate"] == res["variants"][result["label"]]["best_lr"] \
-            or name in swept
-    d = res["comparisons"]["uoe − moe"]
-    u, m = res["variants"]["uoe"]["val_per_seed"], res["variants"]["moe"]["val_per_seed"]
-    assert d["n"] == 2 and all(set(k.split(" − ")) <= {"uoe", "moe"} for k in res["comparisons"])   # of what ran
-    assert d["mean"] == pytest.approx(((u["0"] - m["0"]) + (u["1"] - m["1"])) / 2) and len(d["ci"]) == 2
+    doc = json.loads((tmp_path / "res" / "quality_cpu-exploratory.json").read_text())
+    assert doc["protocol"]["declared"] is False and doc["protocol"]["exploratory"]["lrs"] == [1e-3, 2e-3]
+    # per variant 2 lrs x sweep seeds 1000, 1001; 2 reported seeds; the pair at both common rates (half of them
+    # the reported runs); seed 0 on 2 threads
+    ran = calls()
+    assert len(ran) == len(set(ran)) == 2 * 2 * 2 + 2 * 2 + 2 * 2 + 2
+    runs = doc["runs"]
+    assert len(runs) == len(ran) and all(r.keys() >= RECORD_KEYS for r in runs)
+    code = study.code_fingerprint()
+    for r in runs:
+        assert r["code_sha256"] == code["code_sha256"] and r["torch"] == code["torch"] and r["cpu"] == code["cpu"]
+        assert (r["role"] == "sweep") == (r["split"] == "select") == (r["seed"] >= 1000)
+        assert r["options"]["dataset"] == f"tiny-{r['split']}" and r["options"]["learning_rate"] == r["lr"]
+        assert r["data_sha256"] == doc["corpus"]["splits"][r["split"]]["data_sha256"]
+        assert [e[0] for e in r["evals"]] == [0, 2, 3] and r["final_val"] == r["evals"][-1][3]
+        assert r["final_train"] == r["evals"][-1][2] and r["diverged"] is False and r["seconds"] > 0
+        assert r["threads"] == (2 if r["role"] == "machine" else 1)
+    sel = {v: study.selection(doc, study.index_runs(doc), v)["lr"] for v in ("moe", "uoe")}
+    for r in runs:                                              # every reported run at its variant's chosen rate
+        assert r["role"] != "reported" or r["lr"] == sel[r["label"]]
+        assert r["role"] != "reported" or "common-lr" in r["also"]         # both rates are common: reused
+    for command in InProcess.commands:                          # train.py read the half it was scored on
+        assert ("--seed=100" in " ".join(command)) == ("--dataset='tiny-select'" in command)
+        assert f"--data_dir={str(tmp_path.resolve() / 'data')!r}" in command
     printed = capsys.readouterr().out
-    assert "| uoe − moe |" in printed and "95% CI" in printed and "ETA" in printed
-    runs = sorted((tmp_path / "runs").iterdir())
-    assert all((r / "result.json").is_file() and not (r / "train" / "ckpt.pt").exists() for r in runs)
+    assert "| uoe − moe | primary |" in printed and "Exploratory" in printed and "ETA" in printed
+    assert all((r / "result.json").is_file() and not (r / "train" / "ckpt.pt").exists()
+               for r in (tmp_path / "runs").iterdir())
 
     # a rerun skips what finished; a run whose result is missing (interrupted) runs again
-    (tmp_path / "runs" / sorted(reported)[0] / "result.json").unlink()
+    reported = next(r for r in runs if r["role"] == "reported")
+    (tmp_path / "runs" / reported["run"] / "result.json").unlink()
     assert study.main(argv) == 0
-    assert calls() == [str(tmp_path / "runs" / sorted(reported)[0])]
-    assert json.loads((tmp_path / "quality_cpu.json").read_text())["comparisons"] == res["comparisons"]
+    assert calls() == [str(tmp_path / "runs" / reported["run"])]
+    again = json.loads((tmp_path / "res" / "quality_cpu-exploratory.json").read_text())["runs"]
+    assert [dict(r, seconds=0) for r in again] == [dict(r, seconds=0) for r in runs]
 
-    # ablate: UoE's lr from the sweep; its baseline is quality's reported UoE runs, never a sweep run
-    assert study.main(["ablate", *micro, "--ablations", "uoe,no_vse"]) == 0
-    ab = json.loads((tmp_path / "ablate_cpu.json").read_text())
-    assert ab["lr"] == res["best_lr"]["uoe"] and "held-out" in ab["lr_source"]
-    assert len(calls()) == 2 and ab["ablations"]["uoe"]["runs"] == res["variants"]["uoe"]["runs"]
-    assert ab["ablations"]["no_vse"]["diff_vs_uoe"]["n"] == 2 and ab["ablations"]["uoe"]["diff_vs_uoe"] is None
-    assert "| no_vse | vse=False |" in capsys.readouterr().out
+    # ablate: each ablation's own sweep (the full UoE's is quality's: reused), then its reported seeds
+    assert study.main(["ablate", *micro, "--ablations", "uoe,no_vse", "--lrs", "1e-3,2e-3", "--results_dir",
+                       str(tmp_path / "res")]) == 0
+    ab = json.loads((tmp_path / "res" / "ablate_cpu-exploratory.json").read_text())
+    assert len(calls()) == 2 * 2 + 2                     # no_vse's sweep and its 2 seeds; the full UoE's: reused
+    assert {r["run"] for r in ab["runs"] if r["label"] == "uoe"} <= {r["run"] for r in runs}
+    assert ab["protocol"]["comparisons"] == [["no_vse", "uoe", "ablation"]]
+    assert "| no_vse − uoe | ablation |" in capsys.readouterr().out
 
-    # balance: per layer, without the aux loss (new runs) and with it (quality's runs)
-    assert study.main(["balance", *micro, "--plot", "on"]) == 0
-    bal = json.loads((tmp_path / "balance_cpu.json").read_text())
-    assert len(calls()) == 2 * 2
-    assert {(r["variant"], r["aux_loss_coef"], r["layer"]) for r in bal["rows"]} >= \
+    # balance: each variant at its quality selection (the sweep reused), without the aux loss (new runs) and with it
+    # (quality's reported runs)
+    assert study.main(["balance", *micro, "--lrs", "1e-3,2e-3", "--results_dir", str(tmp_path / "res")]) == 0
+    bal = json.loads((tmp_path / "res" / "balance_cpu-exploratory.json").read_text())
+    assert len(calls()) == 2 * 2 and all(r["routing"] for r in bal["runs"])
+    an = study.analyse(bal)
+    assert {(r["variant"], r["aux_loss_coef"], r["layer"]) for r in an["balance"]} >= \
         {(v, a, 0) for v in ("moe", "uoe") for a in (0.0, 0.01)}
-    for r in bal["rows"]:
-        assert 0 <= r["ent_load"][0] <= bal["ent_load_max"] + 1e-9 and r["seeds"] == 2
+    for r in an["balance"]:
+        assert 0 <= r["ent_load"][0] <= an["ent_load_max"] + 1e-9 and r["seeds"] == 2
         assert r["min_load"][0] <= 1 / 4 <= r["max_load"][0]
-    d = {(x["aux_loss_coef"], x["layer"]): x for x in bal["ent_load_diffs"]}
-    assert set(d) >= {(0.0, 0), (0.01, 0)} and d[(0.0, 0)]["variant"] == "uoe" and d[(0.0, 0)]["n"] == 2
-    assert (tmp_path / "balance_cpu.png").stat().st_size > 0
     assert "| uoe − moe | 0 | 0 |" in capsys.readouterr().out
 
-    # the report: headline sentences, the tables, the figure, for the budgets found
-    assert study.main(["report", "--out_dir", str(tmp_path)]) == 0
-    md = (tmp_path / "study_report.md").read_text()
-    assert "## Budget `cpu`" in md and "- **uoe − moe** = " in md and "95% CI" in md
-    assert "| no_vse | vse=False |" in md and "![" in md and "## Budget `train`" not in md
-    assert "- budget `train`: no quality_train.json in " in md and md.startswith("# Does UoE beat MoE? The study at "
-                                                                                   "budget `cpu`\n")
-    rep = json.loads((tmp_path / "study_report.json").read_text())
-    assert rep["headline"]["cpu"]["uoe − moe"] == res["comparisons"]["uoe − moe"]
-    assert (tmp_path / "study_report.png").stat().st_size > 0
+    # the report, from the results JSON alone (the runs folder gone)
+    shutil.rmtree(tmp_path / "runs")
+    capsys.readouterr()
+    assert study.main(["report", "--results_dir", str(tmp_path / "res")]) == 0
+    md = capsys.readouterr().out
+    assert "### Results at the `cpu` budget (exploratory:" in md and "- **uoe − moe** = " in md
+    assert "| no_vse − uoe | ablation |" in md and "| uoe − moe | 0 | 0 |" in md
+    assert "Not run yet: `python study.py quality --preset cpu`" in md
 
 
 def test_a_run_of_other_code_or_data_is_rerun(micro, tmp_path, data, monkeypatch):
-    shutil.copytree(data / "tiny", tmp_path / "data" / "tiny")
-    argv = ["balance", *micro, "--data_dir", str(tmp_path / "data"), "--variants", "uoe", "--aux", "0",
+    shutil.copytree(data / "tiny", tmp_path / "data_in" / "tiny")
+    argv = ["balance", *micro, "--data_dir", str(tmp_path / "data_in"), "--variants", "uoe", "--aux", "0",
             "--seeds", "1", "--lr", "1e-3"]
     assert study.main(argv) == 0 and len(calls()) == 1
     assert study.main(argv) == 0 and calls() == []                       # the same: reused
@@ -359,24 +522,49 @@ def test_a_run_of_other_code_or_data_is_rerun(micro, tmp_path, data, monkeypatch
     monkeypatch.setattr(study, "REPO", tmp_path)                        # (train.py itself still runs from REPO)
     monkeypatch.setattr(study, "CODE_FILES", ("uoe.py",))
     assert study.main(argv) == 0 and len(calls()) == 1                   # other code: rerun
-    change_first_token(tmp_path / "data" / "tiny" / "val.bin")
-    assert study.main(argv) == 0 and len(calls()) == 1                   # another corpus: rerun
+    change_first_token(tmp_path / "data_in" / "tiny" / "val.bin")        # the first token: the selection half's
+    assert study.main(argv) == 0 and calls() == []                       # reported runs never see it: reused
+    with open(tmp_path / "data_in" / "tiny" / "val.bin", "r+b") as f:   # the last token: the report half's
+        f.seek(-2, os.SEEK_END)
+        last = f.read(2)
+        f.seek(-2, os.SEEK_END)
+        f.write(b"\1\0" if last == b"\0\0" else b"\0\0")
+    assert study.main(argv) == 0 and len(calls()) == 1                   # another report half: rerun
     assert len(list((tmp_path / "runs").iterdir())) == 3
 
 
 def test_a_diverged_run_is_a_result_and_a_broken_one_a_one_line_error(micro):
     args = study.parse_args(["quality", *micro])
-    args.fingerprint = FINGERPRINT
-    base = uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS})
+    base = study.prepare(args)
     spec = study.run_spec("uoe", base, 1e-3, 0, args)
     spec["options"]["debug_nan_step"] = 2                          # train.py's testing aid
     r, = study.run_all([spec], args, study.Progress(1, 1))
-    assert r["diverged"] and r["final_val"] is None
-    assert study.best_lr({1e-3: r["final_val"], 2e-3: 4.0}) == 2e-3
+    assert r["diverged"] and r["final_val"] is None and r["final_train"] is None
+    assert [e[0] for e in r["evals"]] == [0]                       # its evals before it diverged are kept
     bad = study.run_spec("uoe", base, 1e-3, 1, args)
     bad["options"]["n_head"] = 5                                   # 16 is not divisible by 5
     with pytest.raises(study.UserError, match="train.py failed for uoe lr 0.001 seed 1 .exit 2.: invalid model"):
         study.run_all([bad], args, study.Progress(1, 1))
+
+
+def test_a_diverged_run_counts_as_ln_vocab_size_and_is_named(tmp_path):
+    """A diverged run is not dropped from the pairs (that would favour a variant that diverges): its final loss is
+    ln(vocab_size), a uniform guess, in every mean and difference, and the verdict sentence names it."""
+    def value(label, role, lr, seed, threads):
+        return None if (label, role, seed) == ("moe", "reported", 2) else quality_value(label, role, lr, seed, threads)
+    doc, _ = made_up_doc(tmp_path, value)
+    an = study.analyse(doc)
+    assert an["complete"] and an["finals"]["moe"][2] == pytest.approx(math.log(97)) and an["diverged"]["moe"] == [2]
+    c = next(c for c in an["comparisons"] if c["name"] == "uoe − moe")
+    assert c["n"] == 8 and c["mean"] == pytest.approx(statistics.fmean(
+        [an["finals"]["uoe"][s] - an["finals"]["moe"][s] for s in range(8)]))
+    md = study.doc_markdown(doc, an)
+    line = next(x for x in md.splitlines() if x.startswith("- **uoe − moe**"))
+    assert f"Diverged, each counted at {math.log(97):.4f}: 1 of 8 moe runs (seed 2)." in line
+    assert "No run of uoe or moe+shared diverged." in md
+    assert "- moe, reported, lr 0.004, seed 2: diverged" in md                       # flagged, by name
+    head = study.headline_block({doc["name"]: doc}, {doc["name"]: an})
+    assert "1 diverged run(s) counted" in next(x for x in head.splitlines() if "uoe − moe (primary)" in x)
 
 
 # ---- a killed run resumes --------------------------------------------------------------------------
@@ -465,8 +653,7 @@ def test_a_checkpoint_that_is_unreadable_or_of_no_known_identity_is_set_aside(mi
 
 def test_a_run_claimed_by_another_command_is_waited_for_not_started_again(micro, capsys):
     args = study.parse_args(["balance", *micro])
-    args.fingerprint = FINGERPRINT
-    base = uoe.GPTConfig(vocab_size=65, **{k: getattr(args, k) for k in study.MODEL_KEYS})
+    base = study.prepare(args)
     theirs, ours = (study.run_spec("uoe", base, 1e-3, s, args) for s in (0, 1))
     held = study.claim(theirs["dir"])                              # the other command is running it
     assert held is not None and study.claim(theirs["dir"]) is None
@@ -560,7 +747,8 @@ def test_study_runs_train_py_in_a_subprocess_and_a_killed_run_resumes_to_the_sam
 
     real = study.train_command
     stopped = STOPPED_TRAIN.format(repo=str(study.REPO), stop_at=50)
-    monkeypatch.setattr(study, "train_command", lambda spec, resume=False: [sys.executable, "-c", stopped, *real(spec, resume)[2:]])
+    monkeypatch.setattr(study, "train_command",
+                        lambda spec, resume=False: [sys.executable, "-c", stopped, *real(spec, resume)[2:]])
     assert study.main([*argv, "--out_dir", str(cut_dir)]) == 130
     run, = (cut_dir / "runs").iterdir()
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
@@ -580,128 +768,207 @@ def test_study_runs_train_py_in_a_subprocess_and_a_killed_run_resumes_to_the_sam
     assert not (run / "train" / "ckpt.pt").exists()
 
 
-# ---- the report -----------------------------------------------------------------------------------
-
-def fake_quality(preset, finals, code=None, best=None, lrs=(1e-3, 2e-3, 4e-3)):
-    """A quality_<preset>.json as study.quality writes it, from per-seed final val losses: finals
-    {variant: {seed: val or None (diverged)}}; best {variant: lr} (default the middle rate); code: the code's
-    sha256 (default the code now)."""
-    variants = {}
-    for v, per_seed in finals.items():
-        ok = [x for x in per_seed.values() if x is not None]
-        m, sd = study.mean_std(ok)
-        lr = (best or {}).get(v, lrs[1])
-        curves = {str(s): [] if x is None else [[0, 0, 4.0, 4.0], [5, 500, x + 0.5, x + 0.5], [10, 1000, x, x]]
-                  for s, x in per_seed.items()}
-        variants[v] = dict(expert_hidden=16, params_total=1e5, params_active=5e4, fwd_flops_per_token=1e5,
-                           flop_mismatch=0.0, sweep={str(x): 2.5 for x in lrs}, best_lr=lr,
-                           best_at_edge=lr in (min(lrs), max(lrs)),
-                           val_per_seed={str(s): x for s, x in per_seed.items()}, val_mean=m, val_std=sd,
-                           n_seeds=len(ok), curves=curves, runs=[])
-    comparisons = {f"{a} − {b}": study.paired_difference(finals[a], finals[b])
-                   for a, b in study.COMPARISONS if a in finals and b in finals}
-    seeds = max(len(x) for x in finals.values())
-    code = code or study.sha256_of(study.REPO / f for f in study.CODE_FILES)
-    return dict(command="quality", preset=preset, dataset="tiny", steps=10, batch_size=2, block_size=8, tokens=160,
-                seeds=seeds, recipe=dict(warmup_iters=1), device="cpu", dtype="float32", compile="eager",
-                machine="a CPU", threads=1, jobs=1, multiple_of=1,
-                base_config=dict(n_layer=1, n_embd=16, n_expert=4, top_k=2, expert_hidden=16, block_size=8),
-                fingerprint=dict(code_sha256=code, data_sha256="d" * 64, torch="2.x"), lrs=list(lrs),
-                sweep_seeds=[1000], best_lr={v: r["best_lr"] for v, r in variants.items()}, variants=variants,
-                comparisons=comparisons, runs=len(finals) * (len(lrs) + seeds), seconds=60.0, run_seconds=30.0)
 
 
-def report(tmp_path, capsys, *presets):
-    capsys.readouterr()
-    code = study.main(["report", "--out_dir", str(tmp_path), "--plot", "off",
-                       *(["--presets", ",".join(presets)] if presets else [])])
-    out = capsys.readouterr()
-    return code, (tmp_path / "study_report.md").read_text() if code == 0 else out.err
+# ---- the report ---------------------------------------------------------------------------------------
 
-
-def test_the_report_names_the_budgets_it_has_and_says_which_are_missing_or_made_with_other_code(tmp_path, capsys):
-    finals = {"dense": {0: 2.3, 1: 2.4}, "moe": {0: 2.1, 1: 2.2}, "uoe": {0: 2.0, 1: 2.15}}
-    study.write_json(tmp_path / "quality_cpu.json", fake_quality("cpu", finals), quiet=True)
-    code, md = report(tmp_path, capsys)
+def table(md, header_start):
+    """The rows of the markdown table whose header line starts with header_start: [[cell, ...], ...]."""
     lines = md.splitlines()
-    assert code == 0 and lines[0] == "# Does UoE beat MoE? The study at budget `cpu`"
-    assert f"- budget `train`: no quality_train.json in {tmp_path} (not run, or its command has not finished)" in lines
-    now = study.sha256_of(study.REPO / f for f in study.CODE_FILES)
-    assert f"Made with code {now[:8]} (sha256 of uoe.py + train.py), corpus dddddddd (sha256 of train.bin + " \
-           "val.bin), torch 2.x." in lines
-    assert "Warning" not in md
-    assert "15 runs (9 sweep, 6 reported), 0m30s per reported run (mean)" in md
+    i = next(i for i, x in enumerate(lines) if x.startswith(header_start))
+    rows = []
+    for x in lines[i + 2:]:
+        if not x.startswith("|"):
+            break
+        rows.append([c.strip() for c in x.strip("|").split("|")])
+    return rows
 
-    # the train budget, made with other code: both budgets in the title, one line per kind of mismatch
-    study.write_json(tmp_path / "quality_train.json", fake_quality("train", finals, code="e" * 64), quiet=True)
-    code, md = report(tmp_path, capsys)
-    assert code == 0 and md.startswith("# Does UoE beat MoE? The study at budgets `cpu` and `train`\n")
-    assert "no quality_" not in md and "Made with code eeeeeeee" in md
-    warnings = [x for x in md.splitlines() if "Warning" in x]
-    assert len(warnings) == 2
-    assert f"quality_cpu.json: {now[:8]}, quality_train.json: eeeeeeee" in warnings[0]
-    assert f"quality_train.json was made with other code than uoe.py + train.py now ({now[:8]})" in warnings[1]
-    assert json.loads((tmp_path / "study_report.json").read_text())["missing"] == []
 
-    # a file that cannot be read stops the report, in one line that says what to do
-    (tmp_path / "quality_train.json").write_text('{"command": "quality", ')
-    code, err = report(tmp_path, capsys)
-    err = err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and str(tmp_path / "quality_train.json") in err[0]
+def number(cell):
+    return float(cell.replace("−", "-"))
+
+
+def reference_holm(ps):
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def test_the_report_gives_every_number_of_the_json_and_calls_decisive_only_what_holm_allows(tmp_path):
+    doc, path = made_up_doc(tmp_path, quality_value)
+    ab, _ = made_up_doc(tmp_path, lambda label, role, lr, seed, threads: quality_value(
+        "uoe", role, lr, seed, threads) + {"no_vse": 0.05, "output_twice": -0.004}.get(label, 0.0), command="ablate")
+    docs = study.read_results(tmp_path / "results")
+    assert list(docs) == ["quality_cpu", "ablate_cpu"]                     # declared order
+    md = study.results_block(docs, {n: study.analyse(d) for n, d in docs.items()}, "assets")
+    assert not re.search(r"[{}]", md)                                    # no placeholder left unformatted
+    runs = study.index_runs(doc)
+    p = doc["protocol"]
+
+    # per-seed values: each the JSON's run, to 4 decimals
+    for label, role, lr, *cells in table(md, "| variant | role | lr | seed 0 |"):
+        for s, cell in zip(p["seeds"], cells):
+            assert number(cell) == round(runs[(label, float(lr), s, "report", 1)]["final_val"], 4), (label, lr, s)
+    # the sweep: the mean over the sweep seeds and each seed's
+    for v, *cells, chosen in table(md, "| variant | lr 0.001 |"):
+        for lr, cell in zip(p["lrs"], cells):
+            vals = [runs[(v, lr, s, "select", 1)]["final_val"] for s in p["sweep_seeds"]]
+            m = re.fullmatch(r"(\S+) \((\S+) / (\S+)\)", cell)
+            assert number(m[1]) == round(statistics.fmean(vals), 4)
+            assert [number(m[2]), number(m[3])] == [round(x, 4) for x in vals]
+        best = min(p["lrs"], key=lambda lr: sum(runs[(v, lr, s, "select", 1)]["final_val"] for s in p["sweep_seeds"]))
+        assert float(chosen.split()[0]) == best == BEST[v]
+    # the comparisons: mean ± SE, the t interval, p and Holm p, computed here from the JSON's runs
+    rows = table(md, "| comparison | kind |")
+    assert [r[0] for r in rows] == ["uoe − moe+shared", "uoe − moe", "moe − dense", "uoe − dense",
+                                    "moe+shared − dense", "moe+shared − moe", "uoe − aoe"]
+    ps = []
+    for name, kind, diff, ci, p_raw, p_holm, raw, verdict in rows:
+        a, b = name.split(" − ")
+        d = [runs[(a, BEST[a], s, "report", 1)]["final_val"] - runs[(b, BEST[b], s, "report", 1)]["final_val"]
+             for s in p["seeds"]]
+        n, mean = len(d), sum(d) / len(d)
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+        half = study.t_quantile(0.975, n - 1) * se
+        assert diff == f"{mean:+.4f} ± {se:.4f}" and ci == f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+        ps.append(2 * study.t_cdf(-abs(mean) / se, n - 1))
+        assert number(p_raw) == float(f"{ps[-1]:.3g}")
+        assert raw == ("excludes 0" if mean - half > 0 or mean + half < 0 else "includes 0")
+        assert kind == ("primary" if (a, b) in study.PRIMARY else "secondary")
+    for (name, *_, p_holm, raw, verdict), h in zip(rows, reference_holm(ps)):
+        assert number(p_holm) == float(f"{h:.3g}")
+        assert verdict.startswith("decisive") == (h < 0.05), name
+    verdicts = [r[-1] for r in rows]
+    assert any(v.startswith("decisive") for v in verdicts) and "not decisive" in verdicts
+    assert any(r[-2] == "excludes 0" and r[-1] == "not decisive" for r in rows)      # raw and Holm disagree
+    assert sum(x.startswith("- **") for x in md.splitlines()) == 2                     # the 2 primary sentences
+    for line in md.splitlines():                             # a sentence says decisive only where Holm p < 0.05
+        m = re.search(r"Holm p = (\S+)\): (decisive|not decisive)", line)
+        if m:
+            assert (m[2] == "decisive") == (float(m[1]) < 0.05)
+    # the ablations, their own family of 8
+    abl = table(md, "| comparison | kind |")                 # the first such table is quality's
+    rows = table(md[md.index("UoE's ablations"):], "| comparison | kind |")
+    assert len(rows) == 8 and all(r[1] == "ablation" for r in rows) and abl != rows
+    assert "over the 8 comparisons of this family" in md and "over the 7 comparisons of this family" in md
+    # the README headline: the same numbers
+    head = study.headline_block(docs, {n: study.analyse(d) for n, d in docs.items()})
+    cmp = {r[0]: r for r in table(md, "| comparison | kind |")}
+    for budget, n, name, diff_ci, p_holm, verdict in table(head, "| budget |"):
+        if budget == "`cpu`":
+            key = name.split(" (")[0]
+            assert diff_ci == f"{cmp[key][2].split(' ±')[0]} {cmp[key][3]}" and p_holm == cmp[key][5]
+            assert verdict == cmp[key][7] and n == "8"
+        else:
+            assert (budget, name, diff_ci) == ("`train`", "–", "not run yet")
+
+
+def test_an_incomplete_budget_says_which_runs_are_missing_and_draws_no_verdict(tmp_path):
+    def drop(e):
+        return (e["label"], e["role"], e["seed"]) == ("uoe", "reported", 3) or e["role"] == "machine"
+    doc, _ = made_up_doc(tmp_path, quality_value, drop=drop)
+    an = study.analyse(doc)
+    assert not an["complete"] and len(an["missing"]) == 1 + 3
+    md = study.doc_markdown(doc, an)
+    assert f"**Incomplete: 4 of the {an['planned']} runs planned so far have not finished." in md
+    assert "- uoe, reported, lr 0.004: seed 3" in md and "- moe+shared, machine, lr 0.008, 2 threads: seed 0" in md
+    assert "decisive:" not in md and "not decisive" not in md and "- **" not in md and "| comparison |" not in md
+    head = study.headline_block({doc["name"]: doc}, {doc["name"]: an})
+    assert f"| `cpu` | 8 | – | incomplete: 4 of {an['planned']} planned runs missing | – | no verdict yet |" in head
+    # no sweep run yet of one variant: its later runs are not planned yet, and the report says so
+    doc, _ = made_up_doc(tmp_path / "b", quality_value, drop=lambda e: e["label"] == "aoe")
+    md = study.doc_markdown(doc, study.analyse(doc))
+    assert "the reported runs of aoe join the plan once its sweep is complete" in md
+    assert "- aoe, sweep, lr 0.001: seeds 1000, 1001" in md
+
+
+def write_markdown(tmp_path):
+    (tmp_path / "RESULTS.md").write_text("# Results\n\nabove\n<!-- study:begin -->\nold text\n<!-- study:end -->\n"
+                                          "below\n")
+    (tmp_path / "README.md").write_text("# uoe\n<!-- headline:begin -->\nold\n<!-- headline:end -->\nrest\n")
+    return ["--results_dir", str(tmp_path / "results"), "--results_md", str(tmp_path / "RESULTS.md"), "--readme",
+            str(tmp_path / "README.md"), "--assets_dir", str(tmp_path / "assets")]
+
+
+def test_write_puts_the_text_between_the_markers_and_check_finds_an_edited_number(tmp_path, capsys):
+    made_up_doc(tmp_path, quality_value)
+    paths = write_markdown(tmp_path)
+    assert study.main(["report", "--check", *paths]) == 1                 # the old text
+    assert study.main(["report", "--write", "--plot", "off", *paths]) == 0
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert results.startswith("# Results\n\nabove\n<!-- study:begin -->\nGenerated by `python study.py report") and \
+        results.endswith("\n<!-- study:end -->\nbelow\n") and "old text" not in results
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("# uoe\n<!-- headline:begin -->\n| budget |")
+    assert readme.endswith("<!-- headline:end -->\nrest\n")
+    capsys.readouterr()
+    assert study.main(["report", "--check", *paths]) == 0
+    # one number edited by hand: --check names the line
+    lines = results.splitlines()
+    i = next(i for i, x in enumerate(lines) if x.startswith("| uoe | reported |"))
+    edited = lines[i].replace(lines[i].split(" | ")[3], "1.2345")
+    (tmp_path / "RESULTS.md").write_text("\n".join(lines[:i] + [edited] + lines[i + 1:]) + "\n")
+    capsys.readouterr()
+    assert study.main(["report", "--check", *paths]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{tmp_path / 'RESULTS.md'}:{i + 1}: committed ")
+    assert "1.2345" in err[0] and "run python study.py report --write" in err[0]
+    # a marker missing: one error line
+    (tmp_path / "README.md").write_text("# uoe\nno markers\n")
+    assert study.main(["report", "--write", "--plot", "off", *paths]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "<!-- headline:begin -->" in err[0] and err[0].startswith("error: ")
+
+
+def test_the_report_of_no_results_says_so_and_a_broken_file_is_one_error_line(tmp_path, capsys):
+    paths = write_markdown(tmp_path)
+    assert study.main(["report", "--write", *paths]) == 0
+    assert "<!-- study:begin -->\nNo run of this protocol has finished yet: there is no result to report.\n" \
+           "<!-- study:end -->" in (tmp_path / "RESULTS.md").read_text()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "quality_train.json").write_text('{"format": 1, ')
+    capsys.readouterr()
+    assert study.main(["report", *paths]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "results" / "quality_train.json") in err[0]
     assert "delete it and run python study.py quality --preset train" in err[0]
-    (tmp_path / "quality_train.json").unlink()
-    (tmp_path / "ablate_cpu.json").write_text("[]")
-    code, err = report(tmp_path, capsys)
-    assert code == 2 and "ablate_cpu.json (not a JSON object); delete it and run python study.py ablate" in err
 
 
-def test_the_report_counts_diverged_seeds_shows_no_std_for_one_and_flags_an_lr_at_the_edge(tmp_path, capsys):
-    finals = {"dense": {0: 2.3}, "moe": {0: 2.1, 1: 2.2, 2: 2.25}, "moe+shared": {0: 2.2, 1: 2.3, 2: 2.4},
-              "uoe": {0: 2.0, 1: None, 2: 2.1}}
-    q = fake_quality("cpu", finals, best={"dense": 4e-3, "moe+shared": 1e-3})
-    study.write_json(tmp_path / "quality_cpu.json", q, quiet=True)
-    code, md = report(tmp_path, capsys, "cpu")
-    assert code == 0 and "no quality_" not in md
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines() if line.startswith("| ")}
-    assert rows["uoe"][-2:] == ["2.0500 ± 0.0707", "2 (1 of 3 diverged) |"]         # mean ± std of the 2 left
-    assert rows["moe"][-1] == "3 |" and rows["dense"][-2:] == ["2.3000 ± –", "1 |"]  # one seed: no std
-    assert "left out of the mean and of the paired differences, and counted" in md
-    assert "0.0000" not in md
-    assert rows["uoe − moe"][3] == "2"                                              # its pairs: seeds 0 and 2
-    headline = {x.split("**")[1]: x for x in md.splitlines() if x.startswith("- **")}
-    assert "2 paired seeds" in headline["uoe − moe"]
-    assert "Diverged: 1 of 3 uoe runs diverged" in headline["uoe − moe"]
-    assert "edge" not in headline["uoe − moe"]
-    assert "over 1 seed(s): no interval" in headline["moe − dense"]
-    assert "Caveat: the best lr is at the edge of the sweep for dense (0.004, its highest)" in headline["moe − dense"]
-    assert "Diverged" not in headline["moe − dense"]
-    assert "- Caveat: the best lr is at the edge of the sweep for moe+shared (0.001, its lowest)" in md
-
-
-def test_the_report_figure_keeps_a_colour_per_variant_and_others_for_the_differences(tmp_path, monkeypatch):
+def test_write_draws_the_figures_it_links_with_a_colour_per_variant(tmp_path, monkeypatch, capsys):
     import matplotlib.colors
-    saved = []
-    monkeypatch.setattr(study, "save_figure", lambda fig, path: saved.append(fig))
-    finals = {v: {0: 2.0 + i / 10, 1: 2.1 + i / 10} for i, v in enumerate(["dense", "moe", "moe+shared", "aoe", "uoe"])}
-    cpu = fake_quality("cpu", finals)
-    train = fake_quality("train", {v: x for v, x in finals.items() if v != "aoe"})    # no aoe: uoe is 4th, not 5th
-    study.plot_budgets([cpu, train], tmp_path / "f.png")
-    fig, = saved
+    made_up_doc(tmp_path, quality_value)
+    made_up_doc(tmp_path, quality_value, command="balance")
+    saved, real = {}, study.save_figure
+
+    def save_figure(fig, path):
+        saved[path.name] = fig
+        return real(fig, path)
+    monkeypatch.setattr(study, "save_figure", save_figure)
+    paths = write_markdown(tmp_path)
+    assert study.main(["report", "--write", *paths]) == 0
+    results = (tmp_path / "RESULTS.md").read_text()
+    linked = re.findall(r"!\[[^]]*\]\(assets/([^)]+)\)", results)
+    assert linked == ["study_sweep_quality_cpu.png", "study_seeds_quality_cpu.png", "study_balance_balance_cpu.png"]
+    assert all((tmp_path / "assets" / f).stat().st_size > 0 for f in linked) and set(saved) == set(linked)
     hexes = lambda ax: {line.get_label(): matplotlib.colors.to_hex(line.get_color()) for line in ax.get_lines()
                         if not line.get_label().startswith("_")}
-    (cpu_ax, cpu_diff), (train_ax, train_diff) = fig.axes[:2], fig.axes[2:]
     variant_colours = {v: matplotlib.colors.to_hex(f"C{i}") for i, v in enumerate(study.VARIANTS)}
-    for ax, res in ((cpu_ax, cpu), (train_ax, train)):
-        assert {label.split(" ")[0]: c for label, c in hexes(ax).items()}.items() >= \
-            {v: variant_colours[v] for v in res["variants"]}.items()
-        assert ax.get_ylabel() == "validation loss (nats/token)"
-    labels = [line.get_label() for line in cpu_ax.get_lines()]
-    assert any(x.startswith("uoe (D=16, lr 0.002): 2.450 (std 0.071, n=2)") for x in labels)
-    for ax in (cpu_diff, train_diff):
-        diffs, styles = hexes(ax), {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
-        assert diffs.items() >= {"uoe − moe": "#000000", "moe − dense": "#808080"}.items()
-        assert not set(diffs.values()) & set(variant_colours.values())
-        assert (styles["uoe − moe"], styles["moe − dense"]) == ("-", "--")
+    sweep, = saved["study_sweep_quality_cpu.png"].axes
+    assert {label.split(":")[0]: c for label, c in hexes(sweep).items()} == variant_colours
+    curves, diffs = saved["study_seeds_quality_cpu.png"].axes
+    assert {label.split(" ")[0]: c for label, c in hexes(curves).items()} == \
+        {v: variant_colours[v] for v in ("uoe", "moe+shared", "moe")}
+    assert hexes(diffs) == {"uoe − moe+shared": "#000000", "uoe − moe": "#808080"}
+
+
+def test_the_committed_text_is_what_the_shipped_results_give():
+    """RESULTS.md §1 and the README headline are generated from results/*.json: python study.py report --check."""
+    if not list((study.REPO / "results").glob("*.json")):
+        pytest.skip("no results/*.json shipped yet (run the study, then python study.py report --write)")
+    assert study.main(["report", "--check"]) == 0
 
 
 class ClosedPipe(io.StringIO):
@@ -712,16 +979,47 @@ class ClosedPipe(io.StringIO):
 
 
 def test_the_report_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
-    finals = {"dense": {0: 2.3, 1: 2.4}, "moe": {0: 2.1, 1: 2.2}, "uoe": {0: 2.0, 1: 2.15}}
-    study.write_json(tmp_path / "quality_cpu.json", fake_quality("cpu", finals), quiet=True)
+    made_up_doc(tmp_path, quality_value)
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
-    assert study.main(["report", "--out_dir", str(tmp_path), "--plot", "off"]) == 141     # 128 + SIGPIPE
+    assert study.main(["report", "--results_dir", str(tmp_path / "results")]) == 141     # 128 + SIGPIPE
     assert capsys.readouterr().err == ""
 
 
 def test_fmt_pm_shows_no_std_for_one_seed():
     assert study.fmt_pm(2.0, 0.0, n=1) == "2.0000 ± –" and study.fmt_pm(2.0, 0.1, n=2) == "2.0000 ± 0.1000"
     assert study.fmt_pm(2.0, None) == "2.0000" and study.fmt_pm(None, None) == "–"
+
+
+def test_balance_gives_max_over_min_as_a_ratio_of_means_never_infinity(micro, tmp_path, monkeypatch, capsys):
+    """A row's max / min load is its mean max load over its mean min load (a mean of per-seed ratios is ruled by the
+    seed with the emptiest expert: 1253 where the means give 117, and inf when an expert got no tokens in one
+    seed); a row whose least-loaded expert got none in every seed says "no tokens". Routing made up per seed:
+    [max load, min load]."""
+    loads = {("moe", 0.0): [[0.5, 0.01], [0.4, 0.0]], ("uoe", 0.0): [[0.6, 0.0], [0.5, 0.0]],
+             ("moe", 0.01): [[0.3, 0.2], [0.3, 0.1]], ("uoe", 0.01): [[0.2, 0.1], [0.2, 0.1]]}
+
+    def made_up_runs(specs, args, progress):
+        out = {}
+        for s in specs:
+            v, aux = s["label"].split(":aux")
+            mx, mn = loads[(v, float(aux))][s["seed"]]
+            out[s["dir"]] = dict(final_val=2.0, final_train=2.0, evals=[[3, 96, 2.0, 2.0]], diverged=False,
+                                 seconds=1.0, routing=[[args.steps, [1.0], [mx], [mn]]])
+        return out
+    monkeypatch.setattr(study, "run_specs", made_up_runs)
+    assert study.main(["balance", *micro, "--lr", "1e-3"]) == 0
+    text = (tmp_path / "results" / "balance_cpu-exploratory.json").read_text()
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    rows = study.analyse(json.loads(text, parse_constant=refuse))["balance"]
+    ratio = {(r["variant"], r["aux_loss_coef"]): r["max_over_min"] for r in rows}
+    assert ratio[("moe", 0.0)] == pytest.approx(0.45 / 0.005) and ratio[("uoe", 0.0)] is None
+    assert ratio[("moe", 0.01)] == pytest.approx(0.3 / 0.15) and ratio[("uoe", 0.01)] == pytest.approx(2.0)
+    rows = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| moe |") or line.startswith("| uoe |")}
+    assert rows[("| moe", "0")][7] == "90.0" and rows[("| uoe", "0")][7] == "no tokens"
+    assert rows[("| moe", "0.01")][7] == "2.0"
 
 
 # ---- stopping a command ---------------------------------------------------------------------------
