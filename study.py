@@ -1355,14 +1355,14 @@ def machine_lines(doc, an):
              f"| variant | seed | lr | {t or 'all'} thread(s) | {p['machine_threads']} threads | difference |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['seed']} | {r['lr']:g} | {r['one']:.6f} | {r['two']:.6f} | "
-              f"{r['two'] - r['one']:+.6f} |" for r in rows]
+              f"{r['two'] - r['one']:+.3g} |" for r in rows]                  # 3 digits, however small
     if rows:
         worst = max(rows, key=lambda r: abs(r["two"] - r["one"]))
         moved = abs(worst["two"] - worst["one"])
         means = [abs(c["mean"]) for c in an["comparisons"] if c["mean"] is not None]
         near = sum(moved >= m / 10 for m in means)
         lines += ["", "Another thread count changed no final loss." if moved == 0 else
-                  f"Another thread count moved a final loss by {moved:.6f} at most ({worst['variant']}): "
+                  f"Another thread count moved a final loss by {moved:.3g} at most ({worst['variant']}): "
                   + (f"a tenth or more of {near} of the {len(means)} differences above, so rounding alone moves a run "
                      "by a visible part of them." if near else "less than a tenth of every difference above.")]
     return lines
@@ -1585,6 +1585,8 @@ def plot_sweep(doc, an, path):
         if math.isfinite(s["means"][s["lr"]]):
             ax.plot([s["lr"]], [s["means"][s["lr"]]], marker="*", ms=14, color=col[v])
     ax.set_xscale("log", base=2)
+    ax.set_xticks(doc["protocol"]["lrs"], [f"{lr:g}" for lr in doc["protocol"]["lrs"]])
+    ax.minorticks_off()
     ax.set(xlabel="peak learning rate", ylabel="final val loss, selection half (nats/token)",
            title=f"{doc['name']}: sweep over seeds {seed_range(doc['protocol']['sweep_seeds'])}; star: chosen")
     ax.grid(alpha=0.3)
@@ -1621,7 +1623,7 @@ def plot_seeds(doc, an, path):
             ax2.fill_between(x, [y - h for y, h in zip(m, half)], [y + h for y, h in zip(m, half)], **band)
     ax2.axhline(0, color="k", lw=0.6, ls=":")
     ax2.set(xlabel="tokens seen (M)", ylabel="validation loss difference (nats/token)",
-            title="paired differences, band: raw 95% CI (below 0: the first is better)")
+            title="paired differences, band: raw 95% CI (< 0: first better)")
     for axis in (ax, ax2):
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
