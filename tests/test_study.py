@@ -821,6 +821,11 @@ def test_the_report_gives_every_number_of_the_json_and_calls_decisive_only_what_
             assert [number(m[2]), number(m[3])] == [round(x, 4) for x in vals]
         best = min(p["lrs"], key=lambda lr: sum(runs[(v, lr, s, "select", 1)]["final_val"] for s in p["sweep_seeds"]))
         assert float(chosen.split()[0]) == best == BEST[v]
+    # the quality table: mean ± std over the reported seeds
+    for v, d, *_, lr, val, diverged, flagged in table(md, "| variant | D |"):
+        vals = [runs[(v, BEST[v], s, "report", 1)]["final_val"] for s in p["seeds"]]
+        assert float(lr) == BEST[v] and val == f"{statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+        assert int(d) == doc["variants"][v]["expert_hidden"] and diverged == flagged == "0"
     # the comparisons: mean ± SE, the t interval, p and Holm p, computed here from the JSON's runs
     rows = table(md, "| comparison | kind |")
     assert [r[0] for r in rows] == ["uoe − moe+shared", "uoe − moe", "moe − dense", "uoe − dense",
