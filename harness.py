@@ -1,7 +1,7 @@
 """
-The pieces bench.py, study.py and gpu_check.py share: option parsing helpers, one-line errors and
-interrupt handling (cli), JSON output, the machine's description. Neither of those scripts imports
-another; each imports this.
+The pieces bench.py, study.py, routers.py and gpu_check.py share: option parsing helpers, one-line errors and
+interrupt handling (cli), JSON output, generated text between marker lines of the markdown (write_blocks), the
+machine's description. Each of those scripts imports this.
 """
 import argparse
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from train import UserError
+from train import UserError, write_atomic
 from uoe import FFN_VARIANTS
 
 REPO = Path(__file__).resolve().parent
@@ -153,6 +153,64 @@ def write_json(path, obj, quiet=False):
     os.replace(tmp, path)
     if not quiet:
         print(f"\nwrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# generated text between marker lines of README.md and RESULTS.md (study.py report, routers.py --report)
+
+def block_span(text, path, begin, end, command):
+    """(start, stop) of the text between the marker lines begin and end; a UserError when one is missing.
+    An empty block gives stop = start - 1 (the newline after begin is also the one before end): text[start:stop]
+    is '' and text[:start] + new + text[stop:] puts new on a line of its own, as for any other block."""
+    i = text.find(begin + "\n")
+    j = text.find("\n" + end, i + len(begin)) if i >= 0 else -1
+    if j < 0:
+        raise UserError(f"{path} has no '{begin}' line followed by a '{end}' line; add the two lines where the "
+                        f"generated text goes, then run {command}")
+    return i + len(begin) + 1, j
+
+
+def first_difference(path, text, start, stop, generated):
+    """One line naming where the committed block of path (text[start:stop]) first differs from the generated
+    one, by its line number in the file."""
+    committed, lines = text[start:stop].split("\n"), generated.split("\n")
+    i = next(i for i in range(max(len(committed), len(lines)))
+             if i >= len(committed) or i >= len(lines) or committed[i] != lines[i])
+    com, gen = (repr(x[i]) if i < len(x) else "the end of the block" for x in (committed, lines))
+    return f"{path}:{text[:start].count(chr(10)) + 1 + i}: committed {com}, generated {gen}"
+
+
+def write_blocks(blocks, check, source, command):
+    """Generated markdown between marker lines. blocks: {option: (path, [(begin, end, text), ...])}, option the
+    command's flag that names path (said when path cannot be read); source: what the text is generated from;
+    command: the command that writes it. Write (check False): put each text between its markers, a file
+    rewritten atomically and only when it changes. check: one line naming the first difference, on stderr.
+    Every file is read and every marker found before anything is written. Returns the exit code: 0, or 1 when
+    check finds a difference; a file that cannot be read or a missing marker is a UserError."""
+    texts, spans = {}, {}
+    for option, (path, items) in blocks.items():
+        try:
+            texts[option] = Path(path).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({e.strerror}); give its path with --{option}") from None
+        spans[option] = [block_span(texts[option], path, begin, end, command) for begin, end, _ in items]
+    if check:
+        for option, (path, items) in blocks.items():
+            for (start, stop), (_, _, generated) in zip(spans[option], items):
+                if texts[option][start:stop] != generated:
+                    print(f"{first_difference(path, texts[option], start, stop, generated)} (the text {source} "
+                          f"gives); run {command}", file=sys.stderr)
+                    return 1
+        print(f"{' and '.join(str(path) for path, _ in blocks.values())} match{'es' * (len(blocks) == 1)} {source}")
+        return 0
+    for option, (path, items) in blocks.items():
+        new = texts[option]
+        for (start, stop), (_, _, generated) in sorted(zip(spans[option], items), reverse=True):  # last first:
+            new = new[:start] + generated + new[stop:]                     # the earlier spans stay where they were
+        if new != texts[option]:
+            write_atomic(Path(path), new)
+        print(f"wrote {path}" if new != texts[option] else f"{path} is up to date")
+    return 0
 
 
 def cpu_name():

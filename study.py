@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from harness import (REPO, Parser, cli, cpu_name, device_name, positive_float, positive_int, settle, variant_list,
-                     write_json)
+                     write_blocks, write_json)
 from train import TrainConfig, UserError
 from uoe import GPTConfig, flops_per_token, match_config, param_counts
 
@@ -1666,25 +1666,6 @@ MARKERS = {"results_md": ("<!-- study:begin -->", "<!-- study:end -->"),
            "readme": ("<!-- headline:begin -->", "<!-- headline:end -->")}
 
 
-def block_span(text, path, begin, end):
-    """(start, stop) of the text between the marker lines begin and end; a UserError when one is missing."""
-    i = text.find(begin + "\n")
-    j = text.find("\n" + end, i + len(begin)) if i >= 0 else -1
-    if j < 0:
-        raise UserError(f"{path} has no '{begin}' line followed by a '{end}' line; add the two lines where the "
-                        "generated text goes, then run python study.py report --write")
-    return i + len(begin) + 1, j
-
-
-def first_difference(path, text, start, generated):
-    """One line naming where the committed block of path (text[start:...]) first differs from the generated one."""
-    committed, lines = text[start:].split("\n"), generated.split("\n")
-    i = next(i for i in range(max(len(committed), len(lines)))
-             if i >= len(committed) or i >= len(lines) or committed[i] != lines[i])
-    com, gen = (repr(x[i]) if i < len(x) else "the end of the block" for x in (committed, lines))
-    return f"{path}:{text[:start].count(chr(10)) + 1 + i}: committed {com}, generated {gen}"
-
-
 def study_report(args):
     """The report: results_dir/*.json -> the markdown of RESULTS.md §1 and of the README headline. Plain: print
     both (with their markers); --write: put them between the markers of --results_md and --readme and draw the
@@ -1699,35 +1680,13 @@ def study_report(args):
         for k, (begin, end) in MARKERS.items():
             print(f"{begin}\n{blocks[k]}\n{end}\n")
         return 0
-    texts, spans = {}, {}
-    for k, path in paths.items():
-        try:
-            texts[k] = path.read_text()
-        except OSError as e:
-            raise UserError(f"cannot read {path} ({e.strerror}); give its path with --{k}") from None
-        spans[k] = block_span(texts[k], path, *MARKERS[k])
-    if args.check:
-        for k, path in paths.items():
-            start, stop = spans[k]
-            if texts[k][start:stop] != blocks[k]:
-                print(f"{first_difference(path, texts[k][:stop], start, blocks[k])} (the text "
-                      f"{args.results_dir}/*.json gives); run python study.py report --write", file=sys.stderr)
-                return 1
-        print(f"{paths['results_md']} and {paths['readme']} match {args.results_dir}/*.json")
-        return 0
-    for k, path in paths.items():
-        start, stop = spans[k]
-        new = texts[k][:start] + blocks[k] + texts[k][stop:]
-        if new != texts[k]:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(new)
-            os.replace(tmp, path)
-        print(f"wrote {path}" if new != texts[k] else f"{path} is up to date")
-    if args.plot == "on":
+    code = write_blocks({k: (path, [(*MARKERS[k], blocks[k])]) for k, path in paths.items()}, args.check,
+                        f"{args.results_dir}/*.json", "python study.py report --write")
+    if args.write and args.plot == "on":
         for name, doc in docs.items():
             for file, kind, _ in figures(doc, analyses[name]):
                 PLOTS[kind](doc, analyses[name], Path(args.assets_dir) / file)
-    return 0
+    return code
 
 
 # -----------------------------------------------------------------------------

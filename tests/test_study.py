@@ -928,6 +928,25 @@ def test_write_puts_the_text_between_the_markers_and_check_finds_an_edited_numbe
     assert len(err) == 1 and "<!-- headline:begin -->" in err[0] and err[0].startswith("error: ")
 
 
+def test_write_blocks_fills_several_blocks_of_one_file_each_between_its_own_markers(tmp_path, capsys):
+    """harness.write_blocks, which study.py report and routers.py --report share: two blocks in one file, one empty
+    and one not, each gets its own text and the lines around them stay; --check then passes, and names the line of
+    a block's first difference."""
+    path = tmp_path / "doc.md"
+    path.write_text("top\n<!-- a:begin -->\n<!-- a:end -->\nmiddle\n<!-- b:begin -->\nold\nlines\n<!-- b:end -->\nend\n")
+    blocks = {"doc": (path, [("<!-- a:begin -->", "<!-- a:end -->", "one\ntwo"),
+                             ("<!-- b:begin -->", "<!-- b:end -->", "three")])}
+    assert harness.write_blocks(blocks, False, "the source", "the command") == 0
+    assert path.read_text() == ("top\n<!-- a:begin -->\none\ntwo\n<!-- a:end -->\nmiddle\n<!-- b:begin -->\nthree\n"
+                                "<!-- b:end -->\nend\n")
+    assert harness.write_blocks(blocks, True, "the source", "the command") == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {path}", f"{path} matches the source"]
+    blocks["doc"][1][1] = ("<!-- b:begin -->", "<!-- b:end -->", "three\nfour")
+    assert harness.write_blocks(blocks, True, "the source", "the command") == 1
+    assert capsys.readouterr().err == (f"{path}:9: committed the end of the block, generated 'four' (the text the "
+                                       "source gives); run the command\n")
+
+
 def test_the_report_of_no_results_says_so_and_a_broken_file_is_one_error_line(tmp_path, capsys):
     paths = write_markdown(tmp_path)
     assert study.main(["report", "--write", *paths]) == 0
