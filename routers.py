@@ -4,6 +4,8 @@ Are a trained MoE's neurons secretly routers? The paper's title, tested on your 
     python routers.py out-moe                          # tables; routers.json, routers.md, routers.png into out-moe/
     python routers.py RUN RUN ... --out_dir=assets     # several runs: one JSON, one markdown section, one figure
     python routers.py --report=assets/routers.json     # print the markdown section written from a routers.json
+    python routers.py --report=assets/routers.json --write   # put it into RESULTS.md §6, its paragraph into README.md
+    python routers.py --report=assets/routers.json --check   # compare: exit 1, naming the first line that differs
 
 Options are train.py's: --key=value (Python literals; strings may be bare); the run folders (train.py's
 --out_dir: ckpt.pt, run.json, metrics.jsonl) come first, without a dash. moe and uoe checkpoints.
@@ -100,7 +102,7 @@ import torch.nn.functional as F
 import plot
 import study
 import uoe
-from harness import write_json
+from harness import REPO, write_blocks, write_json
 from train import UserError, help_text, option_table, parse_options, resolve_device, write_atomic
 
 SUPPORTED = ("moe", "uoe")
@@ -127,6 +129,10 @@ class RoutersConfig:
     seed: int = 1337               # the random subsets, weights, choices and resamples
     device: str = "auto"           # auto (cuda if available), cpu, cuda, cuda:1
     report: str = ""               # a routers.json: print its markdown section and stop
+    write: bool = False            # with --report: put the section into RESULTS.md, its paragraph into README.md
+    check: bool = False            # with --report: exit 1, naming the first difference, if the committed text differs
+    readme: str = ""               # with --write/--check: the README.md ('': the repository's)
+    results_md: str = ""           # with --write/--check: the RESULTS.md ('': the repository's)
 
 
 # -----------------------------------------------------------------------------
@@ -138,10 +144,17 @@ def parse(argv):
     table = option_table([RoutersConfig])
     opts, _ = parse_options([a for a in argv if a.startswith("-")], table,
                             help_text(table, __doc__, [("routers.py", RoutersConfig)]), "routers.py")
+    if (opts["write"] or opts["check"]) and not opts["report"]:
+        raise UserError("--write and --check go with --report, e.g. python routers.py --report=assets/routers.json "
+                        "--write")
     if not runs and not opts["report"]:
         raise UserError("give the out_dir of at least one trained moe or uoe run, e.g. python routers.py out-moe")
     if runs and opts["report"]:
         raise UserError("give either run folders to measure or --report=routers.json to print, not both")
+    if opts["write"] and opts["check"]:
+        raise UserError("give --write or --check, not both")
+    if (opts["readme"] or opts["results_md"]) and not (opts["write"] or opts["check"]):
+        raise UserError("--readme and --results_md go with --write or --check")
     for key in ("val_windows", "train_windows", "resamples", "random_draws", "random_choices", "batch_size"):
         if opts[key] < 1:
             raise UserError(f"--{key}={opts[key]} must be >= 1")
@@ -1098,26 +1111,43 @@ def routers(run_dirs, opts):
     return data
 
 
-def report(path):
-    """Print the markdown section of a routers.json."""
+# the markers of the generated text: RESULTS.md §6 the whole section, the README its paragraph
+MARKERS = {"results_md": ("<!-- routers:begin -->", "<!-- routers:end -->"),
+           "readme": ("<!-- routers-summary:begin -->", "<!-- routers-summary:end -->")}
+
+
+def report_texts(path):
+    """The text a routers.json generates: {"results_md": markdown(), "readme": summary()}. A file that cannot be
+    read, or is not a routers.json of this version, is a UserError."""
     try:
         data = json.loads(Path(path).read_text())
-        text = markdown(data)
+        return {"results_md": markdown(data).rstrip("\n"), "readme": summary(data)}
     except OSError as e:
         raise UserError(f"cannot read --report={path} ({e.strerror}); give a routers.json") from None
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"--report={path} is not a routers.json of this version ({type(e).__name__}: {e}); "
                         "measure again with python routers.py RUN ...") from None
-    say(text.rstrip("\n"))
+
+
+def report(opts):
+    """--report: print the markdown section of a routers.json; --write: put it and its paragraph between the
+    markers of --results_md and --readme; --check: exit 1, with one line naming the first difference, when the
+    committed text differs. Returns the exit code."""
+    texts = report_texts(opts["report"])
+    if not (opts["write"] or opts["check"]):
+        say(texts["results_md"])
+        return 0
+    paths = {"results_md": opts["results_md"] or REPO / "RESULTS.md", "readme": opts["readme"] or REPO / "README.md"}
+    return write_blocks({k: (paths[k], [(*MARKERS[k], texts[k])]) for k in MARKERS}, opts["check"], opts["report"],
+                        f"python routers.py --report={opts['report']} --write")
 
 
 def main(argv=None):
     try:
         runs, opts = parse(sys.argv[1:] if argv is None else argv)
         if opts["report"]:
-            report(opts["report"])
-        else:
-            routers(runs, opts)
+            return report(opts)
+        routers(runs, opts)
     except (UserError, uoe.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

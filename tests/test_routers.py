@@ -353,6 +353,79 @@ def test_the_markdown_says_what_each_interval_supports_with_the_jsons_numbers(pl
 
 
 # -----------------------------------------------------------------------------
+# the generated text of README.md and RESULTS.md §6: --report --write / --check
+
+def test_the_committed_text_is_what_assets_routers_json_gives():
+    """README.md's routers paragraph and RESULTS.md §6 are generated from assets/routers.json:
+    python routers.py --report=assets/routers.json --check."""
+    path = REPO / "assets" / "routers.json"
+    try:
+        routers.report_texts(path)
+    except routers.UserError as e:
+        if "is not a routers.json of this version" not in str(e):
+            raise
+        pytest.skip(f"assets/routers.json is of the old format, which --report refuses ({e}); measure the 9 models "
+                    "of routers.py's docstring, then python routers.py --report=assets/routers.json --write")
+    assert routers.main([f"--report={path}", "--check"]) == 0
+
+
+def between(text, begin, end):
+    """The lines between the marker lines begin and end of text."""
+    return text.split(f"\n{begin}\n", 1)[1].split(f"\n{end}\n", 1)[0]
+
+
+def test_write_puts_the_text_between_the_markers_and_check_finds_an_edited_number(planted, tmp_path, capsys):
+    """On copies of the committed README.md and RESULTS.md: --write fills the two blocks and nothing else, --check
+    then passes; a number edited by hand in either block makes --check exit 1 with one line naming it; a marker
+    missing is one error line."""
+    r = json.loads(json.dumps(planted))
+    r["identity"] = dict(step=200, seed=5)
+    data = dict(protocol=dict(level=0.95, alpha=0.05, family=routers.adjust([r]), val_windows=32, resamples=200),
+                runs=[r])
+    routers.write_json(tmp_path / "routers.json", data, quiet=True)
+    readme, results = tmp_path / "README.md", tmp_path / "RESULTS.md"
+    readme.write_text((REPO / "README.md").read_text())
+    results.write_text((REPO / "RESULTS.md").read_text())
+    args = [f"--report={tmp_path / 'routers.json'}", f"--readme={readme}", f"--results_md={results}"]
+    assert routers.main(args + ["--check"]) == 1                          # the committed blocks are another JSON's
+    assert routers.main(args + ["--write"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == [f"wrote {results}", f"wrote {readme}"]
+    text, section = routers.summary(data), routers.markdown(data)
+    assert between(readme.read_text(), *routers.MARKERS["readme"]) == text
+    assert between(results.read_text(), *routers.MARKERS["results_md"]) == section.rstrip("\n")
+    for path, (begin, end) in ((readme, routers.MARKERS["readme"]), (results, routers.MARKERS["results_md"])):
+        committed, written = (REPO / path.name).read_text(), path.read_text()
+        assert written.split(f"\n{begin}\n")[0] == committed.split(f"\n{begin}\n")[0]          # above, untouched
+        assert written.split(f"\n{end}\n")[1] == committed.split(f"\n{end}\n")[1]              # below, untouched
+    assert routers.main(args + ["--check"]) == 0
+    assert capsys.readouterr().out.strip() == f"{results} and {readme} match {tmp_path / 'routers.json'}"
+    assert routers.main(args + ["--write"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == [f"{results} is up to date", f"{readme} is up to date"]
+    # one number edited by hand in RESULTS.md's first table, then in README.md's paragraph: --check names it
+    own = f"{r['layers'][0]['unsupervised']['all']['own']:.3f}"
+    for path, old, new in ((results, f"| 5 | 0 | {own} |", "| 5 | 0 | 0.123 |"),
+                           (readme, f"Of the {data['protocol']['family']},", "Of the 99,")):
+        written = path.read_text()
+        assert old in written
+        path.write_text(written.replace(old, new, 1))
+        line = written.split(old)[0].count("\n") + 1
+        assert routers.main(args + ["--check"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{path}:{line}: committed ") and new.strip(" |,") in err[0]
+        assert err[0].endswith(f"run python routers.py --report={tmp_path / 'routers.json'} --write")
+        assert routers.main(args + ["--write"]) == 0 and routers.main(args + ["--check"]) == 0
+    # a marker missing, a file that is not there: one error line each
+    readme.write_text("# uoe\nno markers\n")
+    assert routers.main(args + ["--write"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "'<!-- routers-summary:begin -->'" in err[0]
+    assert routers.main(args[:2] + [f"--results_md={tmp_path / 'nothing.md'}", "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing.md" in err[0] and "give its path with --results_md" in err[0]
+
+
+
+# -----------------------------------------------------------------------------
 # the command
 
 def write_run(root, name, ffn, data_dir):
@@ -445,6 +518,9 @@ def test_an_interrupt_while_writing_leaves_no_half_written_file(runs, tmp_path, 
     (["{moe}", "--report={tmp}/routers.json"], "not both"),
     (["--report={tmp}/nothing.json"], "cannot read --report"),
     (["--report={tmp}/val.bin"], "is not a routers.json"),
+    (["--write"], "--write and --check go with --report"),
+    (["--report={tmp}/routers.json", "--write", "--check"], "give --write or --check, not both"),
+    (["--report={tmp}/routers.json", "--readme={tmp}/README.md"], "--readme and --results_md go with --write"),
 ])
 def test_user_errors_are_one_line_and_exit_2(runs, args, message, tmp_path, capsys):
     (tmp_path / "val.bin").write_bytes(np.zeros(100, np.uint16).tobytes())   # --data_dir={tmp}: no train.bin
