@@ -203,13 +203,15 @@ def write_blocks(blocks, check, source, command):
                     return 1
         print(f"{' and '.join(str(path) for path, _ in blocks.values())} match{'es' * (len(blocks) == 1)} {source}")
         return 0
-    for option, (path, items) in blocks.items():
+    said = []                               # printed after every file is written: a reader that left (`| head`)
+    for option, (path, items) in blocks.items():                           # cannot stop a write half-way
         new = texts[option]
         for (start, stop), (_, _, generated) in sorted(zip(spans[option], items), reverse=True):  # last first:
             new = new[:start] + generated + new[stop:]                     # the earlier spans stay where they were
         if new != texts[option]:
             write_atomic(Path(path), new)
-        print(f"wrote {path}" if new != texts[option] else f"{path} is up to date")
+        said.append(f"wrote {path}" if new != texts[option] else f"{path} is up to date")
+    print("\n".join(said))
     return 0
 
 

@@ -1154,6 +1154,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: no file was left half-written", file=sys.stderr)
         return 130
+    except BrokenPipeError:        # `--report ... --write | head`: the blocks are written before the lines saying so
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when exit flushes
+        return 141                 # 128 + SIGPIPE, as train.py and harness.cli
     return 0
 
 

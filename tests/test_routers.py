@@ -485,6 +485,25 @@ def test_a_closed_output_pipe_still_writes_the_files_and_exits_quietly(runs, tmp
     assert {f.name for f in tmp_path.iterdir()} == {"routers.json", "routers.md", "routers.png"}
 
 
+def test_write_into_a_closed_pipe_writes_the_blocks_and_exits_quietly(planted, tmp_path):
+    """`python routers.py --report=... --write | head -1`: both blocks are written, and no traceback follows."""
+    r = json.loads(json.dumps(planted))
+    r["identity"] = dict(step=200, seed=5)
+    data = dict(protocol=dict(level=0.95, alpha=0.05, family=routers.adjust([r]), val_windows=32, resamples=200),
+                runs=[r])
+    routers.write_json(tmp_path / "routers.json", data, quiet=True)
+    readme, results = tmp_path / "README.md", tmp_path / "RESULTS.md"
+    readme.write_text((REPO / "README.md").read_text())
+    results.write_text((REPO / "RESULTS.md").read_text())
+    p = subprocess.Popen([sys.executable, str(REPO / "routers.py"), f"--report={tmp_path / 'routers.json'}",
+                          f"--readme={readme}", f"--results_md={results}", "--write"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141) and "Traceback" not in err and err == ""
+    assert between(readme.read_text(), *routers.MARKERS["readme"]) == routers.summary(data)
+
+
 def test_a_moe_without_a_valid_n_routing_needs_n_units():
     """GPTConfig checks n_routing for uoe only; an moe's is only the default size of the subsets."""
     model = model_of(ffn="moe", n_routing=0)
