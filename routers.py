@@ -409,16 +409,6 @@ def interval(est, boot):
     return {"est": float(est), "lo": lo, "hi": hi, "p": min(1.0, 2 * (1 + tail) / (len(boot) + 1))}
 
 
-def holm(ps):
-    """Holm's step-down adjustment of the p-values ps (list): each adjusted p, in the same order."""
-    order = sorted(range(len(ps)), key=lambda i: ps[i])
-    adjusted, running = [0.0] * len(ps), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
-        adjusted[i] = running
-    return adjusted
-
-
 def pairing_p(M, gen):
     """The pairing null of own = mean_i M[i, i], M (E, E) the AUROCs AUROC_i(j) (expert j's intensity for 'the
     router chose i'): with no special pairing, the own one is one of the E! ways to give each expert one
@@ -733,7 +723,7 @@ def adjust(results):
     """Holm-adjust the tested differences of all results together; add p_holm and the verdict to each."""
     family = holm_family(results)
     diffs = [row["unsupervised"][name]["diff"] for r, row, name in family]
-    for d, p in zip(diffs, holm([d["p_test"] for d in diffs])):
+    for d, p in zip(diffs, study.holm([d["p_test"] for d in diffs])):   # Holm, as the study's
         d["p_holm"] = p
         d["verdict"] = verdict(d)
     return len(family)

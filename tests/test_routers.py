@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import routers
+import study
 import uoe
 from conftest import ENV, REPO, ROUTED_VARIANTS
 from uoe import GPT, GPTConfig
@@ -217,7 +218,7 @@ def test_interval_p_value_and_holm():
     assert routers.interval(0.0, torch.linspace(-1, 1, 1001))["p"] == 1.0
     d = routers.interval(0.2, torch.linspace(0.1, 0.3, 10001))
     assert d["lo"] == pytest.approx(0.105) and d["hi"] == pytest.approx(0.295)
-    assert routers.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert study.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])   # routers' Holm
 
 
 def test_greedy_units_finds_the_set_whose_squared_intensity_is_the_score():
@@ -374,10 +375,9 @@ def between(text, begin, end):
     return text.split(f"\n{begin}\n", 1)[1].split(f"\n{end}\n", 1)[0]
 
 
-def test_write_puts_the_text_between_the_markers_and_check_finds_an_edited_number(planted, tmp_path, capsys):
-    """On copies of the committed README.md and RESULTS.md: --write fills the two blocks and nothing else, --check
-    then passes; a number edited by hand in either block makes --check exit 1 with one line naming it; a marker
-    missing is one error line."""
+def report_copies(planted, tmp_path):
+    """A routers.json of the planted model in tmp_path, and copies of the committed README.md and RESULTS.md there:
+    (its data, the README copy, the RESULTS copy)."""
     r = json.loads(json.dumps(planted))
     r["identity"] = dict(step=200, seed=5)
     data = dict(protocol=dict(level=0.95, alpha=0.05, family=routers.adjust([r]), val_windows=32, resamples=200),
@@ -386,6 +386,14 @@ def test_write_puts_the_text_between_the_markers_and_check_finds_an_edited_numbe
     readme, results = tmp_path / "README.md", tmp_path / "RESULTS.md"
     readme.write_text((REPO / "README.md").read_text())
     results.write_text((REPO / "RESULTS.md").read_text())
+    return data, readme, results
+
+
+def test_write_puts_the_text_between_the_markers_and_check_finds_an_edited_number(planted, tmp_path, capsys):
+    """On copies of the committed README.md and RESULTS.md: --write fills the two blocks and nothing else, --check
+    then passes; a number edited by hand in either block makes --check exit 1 with one line naming it; a marker
+    missing is one error line."""
+    data, readme, results = report_copies(planted, tmp_path)
     args = [f"--report={tmp_path / 'routers.json'}", f"--readme={readme}", f"--results_md={results}"]
     assert routers.main(args + ["--check"]) == 1                          # the committed blocks are another JSON's
     assert routers.main(args + ["--write"]) == 0
@@ -402,7 +410,7 @@ def test_write_puts_the_text_between_the_markers_and_check_finds_an_edited_numbe
     assert routers.main(args + ["--write"]) == 0
     assert capsys.readouterr().out.split("\n")[:2] == [f"{results} is up to date", f"{readme} is up to date"]
     # one number edited by hand in RESULTS.md's first table, then in README.md's paragraph: --check names it
-    own = f"{r['layers'][0]['unsupervised']['all']['own']:.3f}"
+    own = f"{data['runs'][0]['layers'][0]['unsupervised']['all']['own']:.3f}"
     for path, old, new in ((results, f"| 5 | 0 | {own} |", "| 5 | 0 | 0.123 |"),
                            (readme, f"Of the {data['protocol']['family']},", "Of the 99,")):
         written = path.read_text()
@@ -487,14 +495,7 @@ def test_a_closed_output_pipe_still_writes_the_files_and_exits_quietly(runs, tmp
 
 def test_write_into_a_closed_pipe_writes_the_blocks_and_exits_quietly(planted, tmp_path):
     """`python routers.py --report=... --write | head -1`: both blocks are written, and no traceback follows."""
-    r = json.loads(json.dumps(planted))
-    r["identity"] = dict(step=200, seed=5)
-    data = dict(protocol=dict(level=0.95, alpha=0.05, family=routers.adjust([r]), val_windows=32, resamples=200),
-                runs=[r])
-    routers.write_json(tmp_path / "routers.json", data, quiet=True)
-    readme, results = tmp_path / "README.md", tmp_path / "RESULTS.md"
-    readme.write_text((REPO / "README.md").read_text())
-    results.write_text((REPO / "RESULTS.md").read_text())
+    data, readme, results = report_copies(planted, tmp_path)
     p = subprocess.Popen([sys.executable, str(REPO / "routers.py"), f"--report={tmp_path / 'routers.json'}",
                           f"--readme={readme}", f"--results_md={results}", "--write"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
