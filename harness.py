@@ -148,9 +148,7 @@ def write_json(path, obj, quiet=False):
     place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(finite(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(finite(obj), indent=1, allow_nan=False))
     if not quiet:
         print(f"\nwrote {path}")
 
