@@ -1281,6 +1281,23 @@ def ablate_table(doc, an):
     return lines
 
 
+def ablate_lines(doc, an):
+    """The ablation family in words: how many differ decisively from the full UoE, and which ran at another lr
+    than the full UoE's (the design has no common-lr runs for this family, so such a difference is the ablation
+    and its learning rate together)."""
+    cs, lr = an["comparisons"], an["sel"]["uoe"]["lr"]
+    decisive = [c["name"] for c in cs if verdict(c).startswith("decisive")]
+    other = [f"{a} ({an['sel'][a]['lr']:g})" for a in doc["protocol"]["variants"]
+             if a != "uoe" and an["sel"][a]["lr"] != lr]
+    out = (f"Of the {len(cs)} ablations, {len(decisive)} differ decisively from the full UoE after Holm"
+           + (f": {', '.join(decisive)}." if decisive else "."))
+    if other:
+        out += (f" {len(other)} of the {len(cs)} ran at a learning rate other than the full UoE's {lr:g} (each "
+                f"chosen by its own sweep): {', '.join(other)}; this family has no common-lr runs, so each of "
+                "their differences is the ablation and its learning rate together.")
+    return [out]
+
+
 def fmt_diff(c):
     return "–" if c["mean"] is None else f"{c['mean']:+.4f}" + (f" ± {c['se']:.4f}" if c["se"] is not None else "")
 
@@ -1453,7 +1470,7 @@ def doc_markdown(doc, an, assets=None):
         if an["common"]:
             lines += common_table(doc, an) + [""] + machine_lines(doc, an) + [""] + figure("seeds") + [""]
     elif doc["command"] == "ablate":
-        lines += ablate_table(doc, an) + [""] + comparisons_table(doc, an) + [""]
+        lines += ablate_table(doc, an) + [""] + comparisons_table(doc, an) + [""] + ablate_lines(doc, an) + [""]
     else:
         lines += balance_table(doc, an) + [""] + figure("balance") + [""]
     lines += seeds_table(doc, an) + [""] + flag_lines(doc)

@@ -1133,3 +1133,22 @@ def test_sigterm_to_the_study_process_alone_reaches_its_runs_which_save(tmp_path
     run, = (tmp_path / "runs").iterdir()
     assert "stopped by SIGTERM at step" in (run / "train.log").read_text() and (run / "train" / "ckpt.pt").is_file()
     assert json.loads((run / "state.json").read_text())["started"] is None
+
+
+def test_the_ablations_say_how_many_are_decisive_and_which_ran_at_another_lr_than_the_full_uoe(tmp_path):
+    """An ablation whose sweep chooses another rate than the full UoE's is named: its difference is the ablation
+    and the rate together (the family has no common-lr runs)."""
+    def value(label, role, lr, seed, threads):
+        if label == "no_vse":                                    # its bowl is centred on 8e-3, the others' on 4e-3
+            return 2.05 + 0.03 * math.log2(lr / 8e-3) ** 2 + random.Random(f"{label}/{seed}").gauss(0, 0.02)
+        return quality_value("uoe", role, lr, seed, threads)
+    doc, _ = made_up_doc(tmp_path, value, command="ablate")
+    an = study.analyse(doc)
+    md = study.doc_markdown(doc, an)
+    rows = table(md, "| comparison | kind |")
+    decisive = [r[0] for r in rows if r[-1].startswith("decisive")]
+    assert f"Of the 8 ablations, {len(decisive)} differ decisively from the full UoE after Holm" in md
+    assert ("1 of the 8 ran at a learning rate other than the full UoE's 0.004 (each chosen by its own sweep): "
+            "no_vse (0.008);") in md
+    doc, _ = made_up_doc(tmp_path / "same", lambda label, *rest: quality_value("uoe", *rest), command="ablate")
+    assert "ran at a learning rate other than" not in study.doc_markdown(doc, study.analyse(doc))
