@@ -1284,17 +1284,18 @@ def ablate_table(doc, an):
 def ablate_lines(doc, an):
     """The ablation family in words: how many differ decisively from the full UoE, and which ran at another lr
     than the full UoE's (the design has no common-lr runs for this family, so such a difference is the ablation
-    and its learning rate together)."""
-    cs, lr = an["comparisons"], an["sel"]["uoe"]["lr"]
+    and its learning rate together). No line without the full UoE (an exploratory --ablations): no comparison."""
+    cs, sel = an["comparisons"], an["sel"]                       # each comparison: an ablation (a) − the full UoE (b)
+    if not cs:
+        return []
     decisive = [c["name"] for c in cs if verdict(c).startswith("decisive")]
-    other = [f"{a} ({an['sel'][a]['lr']:g})" for a in doc["protocol"]["variants"]
-             if a != "uoe" and an["sel"][a]["lr"] != lr]
+    other = [f"{c['a']} ({sel[c['a']]['lr']:g})" for c in cs if sel[c["a"]]["lr"] != sel[c["b"]]["lr"]]
     out = (f"Of the {len(cs)} ablations, {len(decisive)} differ decisively from the full UoE after Holm"
            + (f": {', '.join(decisive)}." if decisive else "."))
     if other:
-        out += (f" {len(other)} of the {len(cs)} ran at a learning rate other than the full UoE's {lr:g} (each "
-                f"chosen by its own sweep): {', '.join(other)}; this family has no common-lr runs, so each of "
-                "their differences is the ablation and its learning rate together.")
+        out += (f" {len(other)} of the {len(cs)} ran at a learning rate other than the full UoE's "
+                f"{sel[cs[0]['b']]['lr']:g} (each chosen by its own sweep): {', '.join(other)}; this family has no "
+                "common-lr runs, so each of their differences is the ablation and its learning rate together.")
     return [out]
 
 

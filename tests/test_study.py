@@ -1152,3 +1152,7 @@ def test_the_ablations_say_how_many_are_decisive_and_which_ran_at_another_lr_tha
             "no_vse (0.008);") in md
     doc, _ = made_up_doc(tmp_path / "same", lambda label, *rest: quality_value("uoe", *rest), command="ablate")
     assert "ran at a learning rate other than" not in study.doc_markdown(doc, study.analyse(doc))
+    # an exploratory family without the full UoE has no comparison, and no sentence about one
+    doc, _ = made_up_doc(tmp_path / "alone", value, command="ablate", extra=["--ablations", "no_vse,output_twice"])
+    md = study.doc_markdown(doc, study.analyse(doc))
+    assert "| no_vse | vse=False |" in md and "Of the" not in md
