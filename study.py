@@ -1377,12 +1377,22 @@ def machine_lines(doc, an):
     if rows:
         worst = max(rows, key=lambda r: abs(r["two"] - r["one"]))
         moved = abs(worst["two"] - worst["one"])
-        means = [abs(c["mean"]) for c in an["comparisons"] if c["mean"] is not None]
-        near = sum(moved >= m / 10 for m in means)
-        lines += ["", "Another thread count changed no final loss." if moved == 0 else
-                  f"Another thread count moved a final loss by {moved:.3g} at most ({worst['variant']}): "
-                  + (f"a tenth or more of {near} of the {len(means)} differences above, so rounding alone moves a run "
-                     "by a visible part of them." if near else "less than a tenth of every difference above.")]
+        means = {c["name"]: abs(c["mean"]) for c in an["comparisons"] if c["mean"] is not None}
+        whole = [name for name, m in means.items() if moved >= m]
+        near = sum(moved >= m / 10 for m in means.values())
+        if moved == 0:
+            verdict = "Another thread count changed no final loss."
+        elif whole:       # one run's rounding as large as a mean difference between variants: say so plainly
+            verdict = (f"as large as the whole of {len(whole)} of the {len(means)} differences above "
+                       f"({', '.join(whole)}; a tenth or more of {near}): rounding alone moves one run as far as the "
+                       "mean gap of those pairs, so a single seed cannot rank them; only the means over seeds can.")
+        elif near:
+            verdict = (f"a tenth or more of {near} of the {len(means)} differences above, so rounding alone moves a "
+                       "run by a visible part of them.")
+        else:
+            verdict = "less than a tenth of every difference above."
+        lines += ["", verdict if moved == 0 else
+                  f"Another thread count moved a final loss by {moved:.3g} at most ({worst['variant']}): {verdict}"]
     return lines
 
 

@@ -871,6 +871,23 @@ def test_the_report_gives_every_number_of_the_json_and_calls_decisive_only_what_
             assert (budget, name, diff_ci) == ("`train`", "–", "not run yet")
 
 
+@pytest.mark.parametrize("shift", [1e-6, 0.03, 0.5])
+def test_the_machine_check_names_every_difference_that_one_runs_rounding_matches(tmp_path, shift):
+    """The 2-thread rerun's move is set against each comparison's mean: those it matches as a whole are named."""
+    made_up_doc(tmp_path, lambda label, role, lr, seed, threads: quality_value(label, role, lr, seed, threads)
+                + (shift if threads == study.MACHINE_THREADS and label == "uoe" else 0.0))
+    docs = study.read_results(tmp_path / "results")
+    md = study.results_block(docs, {n: study.analyse(d) for n, d in docs.items()}, "assets")
+    moved = max(abs(float(r[3]) - float(r[4])) for r in table(md, "| variant | seed | lr |"))
+    means = {r[0]: abs(number(r[2].split(" ±")[0])) for r in table(md, "| comparison | kind |")}
+    line = next(x for x in md.splitlines() if x.startswith("Another thread count moved"))
+    named = [n for n, m in means.items() if moved >= m]
+    if named:
+        assert f"as large as the whole of {len(named)} of the {len(means)} differences above ({', '.join(named)};" in line
+    else:
+        assert "as large as the whole" not in line and "a tenth" in line
+
+
 def test_an_incomplete_budget_says_which_runs_are_missing_and_draws_no_verdict(tmp_path):
     def drop(e):
         return (e["label"], e["role"], e["seed"]) == ("uoe", "reported", 3) or e["role"] == "machine"
