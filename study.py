@@ -1531,12 +1531,40 @@ def headline_block(docs, analyses):
                 k = len(an["diverged"][c["a"]]) + len(an["diverged"][c["b"]])
                 lines.append(f"| `{p}` | {c['n']} | {c['name']} ({c['kind']}) | {c['mean']:+.4f} {fmt_ci(c)} | "
                              f"{fmt_p(c['holm'])} | {verdict(c)}{f'; {k} diverged run(s) counted' if k else ''} |")
+    lines += ["", *headline_reading(docs, analyses, budgets)]
     lines += ["", "Final validation loss on the report half of val.bin (never used to choose a learning rate), first "
                   "minus second, paired by seed: below 0, the first is better. A verdict is decisive only where the "
                   f"Holm-adjusted p over its budget's comparisons is below {alpha:g}; a diverged run counts at "
                   "ln(vocabulary size). The protocol, every table, the per-seed values and the figures: "
                   "[RESULTS.md §1](RESULTS.md#1-does-uoe-beat-moe-the-study)."]
     return "\n".join(lines)
+
+
+def headline_reading(docs, analyses, budgets):
+    """The table's reading in one paragraph, from its numbers: which verdicts are decisive, which raw intervals
+    exclude 0 without surviving Holm, and for each primary comparison whether its intervals include 0 and how large
+    a gap they leave possible ([] before any budget is complete)."""
+    done = [p for p in budgets if f"quality_{p}" in docs and analyses[f"quality_{p}"]["complete"]]
+    if not done:
+        return []
+    rows = [(p, c) for p in done for c in analyses[f"quality_{p}"]["comparisons"] if c.get("ci")]
+    has_zero = lambda c: c["ci"][0] <= 0 <= c["ci"][1]
+    decisive = [f"{c['name']} at `{p}` ({verdict(c).removeprefix('decisive: ')})" for p, c in rows
+                if verdict(c).startswith("decisive")]
+    raw_only = [f"{c['name']} at `{p}` ({c['mean']:+.3f})" for p, c in rows
+                if not has_zero(c) and not verdict(c).startswith("decisive")]
+    words = [f"**Reading.** Decisive after Holm: {'; '.join(decisive)}." if decisive else
+             f"**Reading.** No comparison is decisive after Holm at {' or '.join(f'`{p}`' for p in done)}."]
+    if raw_only:
+        words.append(f"Raw intervals exclude 0, but not after Holm, for {'; '.join(raw_only)}: leads to test "
+                     "afresh, not findings.")
+    for a, b in PRIMARY:
+        cs = [(p, c) for p, c in rows if c["name"] == f"{a} − {b}"]
+        if cs and all(has_zero(c) for _, c in cs):
+            reach = " and ".join(f"{max(-c['ci'][0], c['ci'][1]):.3f} nats (`{p}`)" for p, c in cs)
+            words.append(f"{a} − {b}: every raw 95% interval includes 0, so in these models the runs do not say "
+                         f"which of the two is better, and gaps as large as {reach} remain consistent with them.")
+    return [" ".join(words)]
 
 
 def read_results(folder):

@@ -888,6 +888,38 @@ def test_the_machine_check_names_every_difference_that_one_runs_rounding_matches
         assert "as large as the whole" not in line and "a tenth" in line
 
 
+@pytest.mark.parametrize("gap", [1.0, 0.0])
+def test_the_headline_reading_names_what_holm_and_the_raw_intervals_allow_and_no_more(tmp_path, gap):
+    """gap 1: the made-up offsets between variants (some verdicts decisive); gap 0: every variant alike but for
+    noise. The reading's every claim is checked against the headline table it sums up."""
+    made_up_doc(tmp_path, lambda label, role, lr, seed, threads: quality_value(label, role, lr, seed, threads)
+                - (1 - gap) * OFFSET[label])
+    docs = study.read_results(tmp_path / "results")
+    head = study.headline_block(docs, {n: study.analyse(d) for n, d in docs.items()})
+    reading = next(x for x in head.splitlines() if x.startswith("**Reading.**"))
+    rows = table(head, "| budget |")
+    assert rows and all(r[0] == "`cpu`" or r[3] == "not run yet" for r in rows)
+    decisive, raw_only = [], []
+    for budget, n, name, diff_ci, p_holm, verdict in rows:
+        if budget != "`cpu`":
+            continue
+        name, lo, hi = name.split(" (")[0], *map(number, re.search(r"\[(\S+), (\S+)\]", diff_ci).groups())
+        if verdict.startswith("decisive"):
+            decisive.append(f"{name} at `cpu` ({verdict.removeprefix('decisive: ')})")
+        elif not lo <= 0 <= hi:
+            raw_only.append(name)
+        if name in ("uoe − moe+shared", "uoe − moe"):
+            said = f"{name}: every raw 95% interval includes 0"
+            assert (said in reading) == (lo <= 0 <= hi), name
+            if lo <= 0 <= hi:
+                assert f"gaps as large as {max(-lo, hi):.3f} nats (`cpu`)" in reading
+    assert (f"Decisive after Holm: {'; '.join(decisive)}." in reading) if decisive else \
+        "No comparison is decisive after Holm at `cpu`." in reading
+    assert all(f"{name} at `cpu` (" in reading for name in raw_only)
+    assert ("but not after Holm" in reading) == bool(raw_only)
+    assert bool(decisive) == (gap == 1.0)
+
+
 def test_an_incomplete_budget_says_which_runs_are_missing_and_draws_no_verdict(tmp_path):
     def drop(e):
         return (e["label"], e["role"], e["seed"]) == ("uoe", "reported", 3) or e["role"] == "machine"
