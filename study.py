@@ -1380,19 +1380,17 @@ def machine_lines(doc, an):
         means = {c["name"]: abs(c["mean"]) for c in an["comparisons"] if c["mean"] is not None}
         whole = [name for name, m in means.items() if moved >= m]
         near = sum(moved >= m / 10 for m in means.values())
-        if moved == 0:
-            verdict = "Another thread count changed no final loss."
-        elif whole:       # one run's rounding as large as a mean difference between variants: say so plainly
-            verdict = (f"as large as the whole of {len(whole)} of the {len(means)} differences above "
+        if whole:         # one run's rounding as large as a mean difference between variants: say so plainly
+            reading = (f"as large as the whole of {len(whole)} of the {len(means)} differences above "
                        f"({', '.join(whole)}; a tenth or more of {near}): rounding alone moves one run as far as the "
                        "mean gap of those pairs, so a single seed cannot rank them; only the means over seeds can.")
         elif near:
-            verdict = (f"a tenth or more of {near} of the {len(means)} differences above, so rounding alone moves a "
+            reading = (f"a tenth or more of {near} of the {len(means)} differences above, so rounding alone moves a "
                        "run by a visible part of them.")
         else:
-            verdict = "less than a tenth of every difference above."
-        lines += ["", verdict if moved == 0 else
-                  f"Another thread count moved a final loss by {moved:.3g} at most ({worst['variant']}): {verdict}"]
+            reading = "less than a tenth of every difference above."
+        lines += ["", "Another thread count changed no final loss." if moved == 0 else
+                  f"Another thread count moved a final loss by {moved:.3g} at most ({worst['variant']}): {reading}"]
     return lines
 
 
@@ -1548,11 +1546,10 @@ def headline_reading(docs, analyses, budgets):
     if not done:
         return []
     rows = [(p, c) for p in done for c in analyses[f"quality_{p}"]["comparisons"] if c.get("ci")]
-    has_zero = lambda c: c["ci"][0] <= 0 <= c["ci"][1]
     decisive = [f"{c['name']} at `{p}` ({verdict(c).removeprefix('decisive: ')})" for p, c in rows
                 if verdict(c).startswith("decisive")]
     raw_only = [f"{c['name']} at `{p}` ({c['mean']:+.3f})" for p, c in rows
-                if not has_zero(c) and not verdict(c).startswith("decisive")]
+                if raw_verdict(c) == "excludes 0" and not verdict(c).startswith("decisive")]
     words = [f"**Reading.** Decisive after Holm: {'; '.join(decisive)}." if decisive else
              f"**Reading.** No comparison is decisive after Holm at {' or '.join(f'`{p}`' for p in done)}."]
     if raw_only:
@@ -1560,7 +1557,7 @@ def headline_reading(docs, analyses, budgets):
                      "afresh, not findings.")
     for a, b in PRIMARY:
         cs = [(p, c) for p, c in rows if c["name"] == f"{a} − {b}"]
-        if cs and all(has_zero(c) for _, c in cs):
+        if cs and all(raw_verdict(c) == "includes 0" for _, c in cs):
             reach = " and ".join(f"{max(-c['ci'][0], c['ci'][1]):.3f} nats (`{p}`)" for p, c in cs)
             words.append(f"{a} − {b}: every raw 95% interval includes 0, so in these models the runs do not say "
                          f"which of the two is better, and gaps as large as {reach} remain consistent with them.")
